@@ -1,0 +1,197 @@
+"""Training checkpoints on megatron-core dist_checkpointing: model, optimizer, scheduler, RNG and
+data position, resharded on load to whatever layout the resuming run has.
+
+Saves are atomic: everything is written to `iter_NNNNNNN.tmp/`, which is renamed to `iter_NNNNNNN/`
+only after every rank has finished, and only then is `latest` replaced (write + os.replace). A crash
+or kill -9 at any point leaves the previous checkpoint complete and `latest` pointing at it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+CHECKPOINT_DIR_PATTERN = re.compile(r"^iter_(\d{7})$")
+TRAIN_STATE_FILE = "train_state.json"
+LATEST_FILE = "latest"
+
+
+@dataclass
+class TrainState:
+    iteration: int
+    consumed_train_samples: int
+    layout: dict  # tp/pp/vpp/dp/world of the saving run: RNG states are restored only if it matches
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _model_state(model) -> dict:
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+
+
+def _optimizer_state(optimizer, model_state: dict, is_loading: bool) -> dict:
+    merged = {}
+    for chunk_state in model_state.values():
+        merged.update(chunk_state)
+    return optimizer.sharded_state_dict(merged, is_loading=is_loading)
+
+
+def save_checkpoint(
+    output_dir: str | Path, state: TrainState, model, optimizer, scheduler, config_dict: dict
+) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    from megatron.core import dist_checkpointing
+    import yaml
+
+    root = checkpoint_root(output_dir)
+    final = root / f"iter_{state.iteration:07d}"
+    staging = root / f"iter_{state.iteration:07d}.tmp"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left over from a crashed save
+        staging.mkdir()
+    _barrier()
+
+    model_state = _model_state(model)
+    sharded = dict(model_state)
+    sharded["optimizer"] = _optimizer_state(optimizer, model_state, is_loading=False)
+    sharded["scheduler"] = scheduler.state_dict()  # common (non-sharded) state: written by rank 0
+    dist_checkpointing.save(sharded, str(staging))
+
+    rng_dir = staging / "rng"
+    rng_dir.mkdir(exist_ok=True)
+    torch.save(_rng_state(), rng_dir / f"rank_{_rank():05d}.pt")
+    if _rank() == 0:
+        (staging / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        _write_synced(staging / TRAIN_STATE_FILE, json.dumps(dataclasses.asdict(state), indent=1))
+    _barrier()
+
+    if _rank() == 0:
+        _publish(staging, final)
+        _write_synced(root / (LATEST_FILE + ".tmp"), final.name)
+        os.replace(root / (LATEST_FILE + ".tmp"), root / LATEST_FILE)
+    _barrier()
+    return final
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Rename the staging dir into place; an older copy of the same iteration goes only afterwards."""
+    displaced = None
+    if final.exists():
+        displaced = final.with_name(final.name + ".old")
+        shutil.rmtree(displaced, ignore_errors=True)
+        os.rename(final, displaced)
+    os.rename(staging, final)
+    _fsync_dir(final.parent)
+    if displaced is not None:
+        shutil.rmtree(displaced, ignore_errors=True)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    return CHECKPOINT_DIR_PATTERN.match(path.name) is not None and (path / TRAIN_STATE_FILE).is_file()
+
+
+def find_latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
+    """The checkpoint `latest` names, or else the newest complete `iter_*` dir; None if there is none."""
+    root = checkpoint_root(output_dir)
+    latest = root / LATEST_FILE
+    if latest.is_file():
+        named = root / latest.read_text().strip()
+        if is_complete_checkpoint(named):
+            return named
+    candidates = sorted(p for p in root.glob("iter_*") if is_complete_checkpoint(p)) if root.is_dir() else []
+    return candidates[-1] if candidates else None
+
+
+def read_train_state(path: str | Path) -> TrainState:
+    return TrainState(**json.loads((Path(path) / TRAIN_STATE_FILE).read_text()))
+
+
+def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, layout: Optional[dict] = None):
+    """Load into the (possibly differently sharded) model; optimizer and scheduler when given.
+
+    Returns the saved TrainState. RNG states are restored only when `layout` equals the saving
+    run's, since per-rank generators have no meaning under another layout.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    model_state = _model_state(model)
+    sharded = dict(model_state)
+    if optimizer is not None:
+        sharded["optimizer"] = _optimizer_state(optimizer, model_state, is_loading=True)
+    loaded = dist_checkpointing.load(sharded, str(path))
+    for i, chunk in enumerate(model):
+        chunk.load_state_dict(loaded[f"model{i}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    state = read_train_state(path)
+    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+    if layout is not None and layout == state.layout and rng_file.is_file():
+        _restore_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _restore_rng_state(saved: dict) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.setstate(saved["python"])
+    np.random.set_state(saved["numpy"])
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(saved["tracker"])

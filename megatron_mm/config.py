@@ -1,0 +1,221 @@
+"""Run configuration as data: dataclasses, a YAML file, and `section.key=value` overrides.
+
+Values are type-checked against the dataclass fields; unknown keys are errors that name the closest
+valid spelling. Nothing in config text is evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with; its message is one line for the user."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor parallel
+    pp: int = 1  # pipeline parallel
+    vpp: Optional[int] = None  # virtual pipeline stages (model chunks) per pipeline rank
+    cp: int = 1  # context parallel (needs Transformer Engine)
+    ep: int = 1  # expert parallel
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+
+@dataclass
+class DataConfig:
+    # Indexed-dataset prefixes, optionally weighted: ["0.7", "a_text_document", "0.3", "b_text_document"].
+    blend: list[str] = field(default_factory=list)
+    split: str = "98,1,1"
+    tokenizer_type: str = "sentencepiece"
+    tokenizer_model: Optional[str] = None
+    seq_length: int = 2048
+    mock: bool = False  # synthetic tokens (benchmarks, smoke runs): no data files needed
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    train_iters: int = 1000
+    exit_interval: Optional[int] = None  # stop (after saving) once this iteration is reached
+    lr: float = 3.0e-4
+    min_lr: float = 3.0e-5
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"  # cosine | linear | constant | WSD
+    lr_decay_iters: Optional[int] = None  # default: train_iters
+    lr_wsd_decay_iters: Optional[int] = None  # WSD: length of the final decay phase
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    recompute: str = "none"  # none | selective | full
+    log_interval: int = 10
+    eval_interval: Optional[int] = None
+    eval_iters: int = 2
+    save_interval: Optional[int] = None
+    output_dir: str = "outputs/run"
+    resume: str = "auto"  # auto (newest complete checkpoint in output_dir) | none | a checkpoint dir
+    init_from: Optional[str] = None  # load model weights only from this checkpoint (fresh optimizer)
+    peak_tflops: float = 989.0  # per-GPU dense bf16 peak for the MFU estimate (H100 SXM)
+    tensorboard: bool = True
+
+
+CHOICES = {
+    ("train", "lr_decay_style"): ("cosine", "linear", "constant", "WSD"),
+    ("train", "precision"): ("auto", "fp32", "bf16"),
+    ("train", "recompute"): ("none", "selective", "full"),
+    ("data", "tokenizer_type"): ("sentencepiece", "huggingface"),
+}
+
+
+@dataclass
+class Config:
+    model: Any  # the family's own dataclass (models/<family>.py), chosen by `model.family`
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = ("model", "parallel", "data", "train")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or start from defaults) and apply `section.key=value` overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections {SECTIONS}")
+    for override in overrides:
+        section, key, value = _parse_override(override)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"section '{section}' must be a mapping")
+        raw[section][key] = value
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> Config:
+    from megatron_mm.models.registry import family_config_class
+
+    _reject_unknown(raw.keys(), SECTIONS, "section")
+    model_raw = dict(raw.get("model") or {})
+    if "family" not in model_raw:
+        raise ConfigError("model.family is required (e.g. model.family=llama3)")
+    model_cls = family_config_class(model_raw["family"])
+    return Config(
+        model=_build(model_cls, model_raw, "model"),
+        parallel=_build(ParallelConfig, raw.get("parallel") or {}, "parallel"),
+        data=_build(DataConfig, raw.get("data") or {}, "data"),
+        train=_build(TrainConfig, raw.get("train") or {}, "train"),
+    )
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    dotted, value_text = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key '{dotted}' must be section.key, e.g. train.lr=1e-4")
+    _reject_unknown([parts[0]], SECTIONS, "section")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError:
+        value = value_text
+    return parts[0], parts[1], value
+
+
+def _reject_unknown(keys, valid, what: str, section: str = "") -> None:
+    prefix = f"{section}." if section else ""
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid: {', '.join(valid)}"
+            raise ConfigError(f"unknown {what} '{prefix}{key}'{hint}")
+
+
+def _build(cls, values: dict, section: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"section '{section}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    _reject_unknown(values.keys(), names, "key", section)
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = _coerce(value, hints[name], f"{section}.{name}")
+        choices = CHOICES.get((section, name))
+        if choices and kwargs[name] not in choices:
+            raise ConfigError(f"{section}.{name}={value!r} is not one of {', '.join(choices)}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field without default
+        raise ConfigError(f"section '{section}': {err}") from None
+
+
+def _coerce(value, expected, where: str):
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(expected)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item_type, *_) = typing.get_args(expected) or (Any,)
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if expected is Any:
+        return value
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif expected is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{where} must be {expected.__name__}, got {value!r}")

@@ -1,0 +1,157 @@
+"""What every decoder-only family shares: the config fields, the megatron-core TransformerConfig
+they map to, and the GPTModel construction. A family file subclasses DecoderConfig and overrides
+only what makes the family itself."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+VOCAB_PAD_MULTIPLE = 128  # independent of TP, so every layout builds the same embedding shape
+
+
+@dataclass
+class DecoderConfig:
+    family: str
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA groups; None = multi-head attention
+    head_dim: Optional[int] = None  # None = hidden_size / num_attention_heads
+    vocab_size: Optional[int] = None  # None = the tokenizer's vocabulary
+    max_position_embeddings: int = 4096
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = False
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+    # ---- what a family overrides -------------------------------------------------------------
+    def family_transformer_fields(self) -> dict:
+        """TransformerConfig fields that make this family (norm, activation, QK-norm, windows)."""
+        return {}
+
+    def family_model_kwargs(self) -> dict:
+        """GPTModel keyword arguments that make this family (rotary scaling, ...)."""
+        return {}
+
+    def layer_spec(self, transformer_config, use_te: bool):
+        """The megatron-core ModuleSpec of one decoder layer."""
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_local_spec,
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        qk_norm = transformer_config.qk_layernorm
+        if use_te:
+            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+        return get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization=transformer_config.normalization)
+
+    def validate(self, parallel) -> list[str]:
+        """Family-specific layout problems, one message each."""
+        return []
+
+    # ---- shared -----------------------------------------------------------------------------
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self) -> int:
+        if self.vocab_size is None:
+            raise ValueError("model.vocab_size is unset and no tokenizer supplied one")
+        return int(math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE)
+
+    def transformer_config(self, parallel, train, use_te: bool, batch_p2p_comm: bool):
+        """The megatron-core TransformerConfig for this model under a parallel layout."""
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        bf16 = train.precision == "bf16" or (train.precision == "auto" and torch.cuda.is_available())
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        recompute = {}
+        if train.recompute == "full":
+            recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        elif train.recompute == "selective":
+            recompute = dict(recompute_granularity="selective")
+        fields = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.query_groups,
+            kv_channels=self.kv_channels,
+            layernorm_epsilon=self.norm_epsilon,
+            init_method_std=self.init_method_std,
+            hidden_dropout=self.hidden_dropout,
+            attention_dropout=self.attention_dropout,
+            # Llama-style defaults; families override in family_transformer_fields().
+            normalization="RMSNorm",
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            # parallel layout
+            tensor_model_parallel_size=parallel.tp,
+            pipeline_model_parallel_size=parallel.pp,
+            virtual_pipeline_model_parallel_size=parallel.vpp,
+            context_parallel_size=parallel.cp,
+            expert_model_parallel_size=parallel.ep,
+            sequence_parallel=parallel.sequence_parallel,
+            batch_p2p_comm=batch_p2p_comm,
+            # precision
+            params_dtype=dtype,
+            pipeline_dtype=dtype,
+            bf16=bf16,
+            # Per-token loss: every layout and micro-batch split averages over the same tokens.
+            calculate_per_token_loss=True,
+            # Fused kernels come from TE/apex/CUDA; the torch paths run everywhere.
+            masked_softmax_fusion=use_te,
+            bias_activation_fusion=use_te,
+            bias_dropout_fusion=use_te,
+            apply_rope_fusion=use_te,
+            gradient_accumulation_fusion=use_te,
+            persist_layer_norm=False,
+            **recompute,
+        )
+        fields.update(self.family_transformer_fields())
+        return TransformerConfig(**fields)
+
+    def build(self, transformer_config, use_te: bool, pre_process: bool, post_process: bool, vp_stage=None):
+        """One model chunk (a pipeline stage, or a virtual stage of one)."""
+        from megatron.core.models.gpt import GPTModel
+
+        kwargs = dict(
+            position_embedding_type="rope",
+            rotary_base=int(self.rotary_base),
+            share_embeddings_and_output_weights=self.tie_word_embeddings,
+        )
+        kwargs.update(self.family_model_kwargs())
+        return GPTModel(
+            config=transformer_config,
+            transformer_layer_spec=self.layer_spec(transformer_config, use_te),
+            vocab_size=self.padded_vocab_size(),
+            max_sequence_length=self.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
+            **kwargs,
+        )
+
+    def num_parameters(self) -> tuple[int, int]:
+        """(total, embedding) parameter counts of the unsharded model, for FLOP estimates."""
+        h, layers, ffn = self.hidden_size, self.num_layers, self.ffn_hidden_size
+        q = self.num_attention_heads * self.kv_channels
+        kv = 2 * self.query_groups * self.kv_channels
+        attention = h * (q + kv) + q * h
+        mlp = 3 * h * ffn if self.family_transformer_fields().get("gated_linear_unit", True) else 2 * h * ffn
+        embedding = self.padded_vocab_size() * h
+        output = 0 if self.tie_word_embeddings else embedding
+        return layers * (attention + mlp + 2 * h) + embedding + output + h, embedding + output

@@ -1,0 +1,92 @@
+"""Checks that a parallel layout fits the world size and the model, before anything is built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_mm.config import Config, ConfigError
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    p = cfg.parallel
+    return world_size // (p.tp * p.pp * p.cp)
+
+
+def validate_layout(cfg: Config, world_size: int, have_te: bool) -> None:
+    """Raise ConfigError with one line naming the first problem found."""
+    p, m, t, d = cfg.parallel, cfg.model, cfg.train, cfg.data
+    for name in ("tp", "pp", "cp", "ep"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name}={getattr(p, name)} must be >= 1")
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {model_parallel}"
+        )
+    dp = world_size // model_parallel
+    if (world_size // p.pp) % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} does not divide the {world_size // p.pp} ranks of a pipeline stage")
+    if m.num_attention_heads % p.tp:
+        raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}")
+    if m.query_groups % p.tp:
+        raise ConfigError(f"model.num_query_groups={m.query_groups} is not divisible by parallel.tp={p.tp}")
+    if m.num_attention_heads % m.query_groups:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"model.num_query_groups={m.query_groups}"
+        )
+    if m.head_dim is None and m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+            f"{m.num_attention_heads}; set model.head_dim"
+        )
+    if m.ffn_hidden_size % p.tp:
+        raise ConfigError(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}")
+    if p.vpp is not None:
+        if p.pp < 2:
+            raise ConfigError("parallel.vpp needs parallel.pp >= 2")
+        if m.num_layers % (p.pp * p.vpp):
+            raise ConfigError(
+                f"model.num_layers={m.num_layers} is not divisible by pp*vpp = {p.pp}*{p.vpp}"
+            )
+    elif m.num_layers % p.pp:
+        raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel needs parallel.tp >= 2")
+    if p.sequence_parallel and d.seq_length % p.tp:
+        raise ConfigError(f"data.seq_length={d.seq_length} is not divisible by parallel.tp={p.tp} (sequence parallel)")
+    if p.cp > 1 and not have_te:
+        raise ConfigError("parallel.cp > 1 needs Transformer Engine (megatron-core's local attention has no CP)")
+    if p.overlap_param_gather and not p.distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather needs parallel.distributed_optimizer=true")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"micro_batch_size*data_parallel = {t.micro_batch_size}*{dp}"
+        )
+    if m.vocab_size is not None and m.padded_vocab_size() % p.tp:
+        raise ConfigError(f"padded vocabulary {m.padded_vocab_size()} is not divisible by parallel.tp={p.tp}")
+    if t.lr_decay_style == "WSD" and t.lr_wsd_decay_iters is None:
+        raise ConfigError("train.lr_decay_style=WSD needs train.lr_wsd_decay_iters")
+    for message in m.validate(p):
+        raise ConfigError(message)
+    if not d.mock:
+        if not d.blend:
+            raise ConfigError("data.blend is empty: give indexed-dataset prefixes or set data.mock=true")
+        for prefix in d.blend[1::2] if _is_weighted(d.blend) else d.blend:
+            if not Path(prefix + ".idx").is_file() or not Path(prefix + ".bin").is_file():
+                raise ConfigError(f"data path not found: {prefix}.bin/.idx")
+        if not d.tokenizer_model or not Path(d.tokenizer_model).exists():
+            raise ConfigError(f"data.tokenizer_model not found: {d.tokenizer_model}")
+    for name in ("resume", "init_from"):
+        value = getattr(t, name)
+        if value not in (None, "auto", "none") and not Path(value).is_dir():
+            raise ConfigError(f"train.{name} checkpoint not found: {value}")
+
+
+def _is_weighted(blend: list[str]) -> bool:
+    try:
+        float(blend[0])
+    except (ValueError, IndexError):
+        return False
+    return True

@@ -1,0 +1,51 @@
+"""Datasets and per-rank micro-batch iterators for the pretraining loop.
+
+Global batch i holds samples [i*gbs, (i+1)*gbs) of the training set, whatever the layout: each
+data-parallel rank takes its slice of each run of micro_batch_size*dp samples (Megatron-LM's
+pretraining sampler), and tensor/pipeline ranks of one replica read the same samples. So the loss of
+a global batch, and the data position after a resume, depend only on the number of consumed samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_mm.config import Config
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def build_datasets(cfg: Config, tokenizer, num_samples: tuple[int, int, int]):
+    """(train, valid, test) GPT datasets; valid/test may be None."""
+    from megatron_mm.data.gpt_data import build_gpt_datasets
+
+    return build_gpt_datasets(
+        blend=cfg.data.blend,
+        split=cfg.data.split,
+        seq_length=cfg.data.seq_length,
+        seed=cfg.train.seed,
+        num_samples=num_samples,
+        tokenizer=tokenizer,
+        cache_dir=cfg.data.cache_dir,
+        mock=cfg.data.mock,
+    )
+
+
+class MicroBatches:
+    """Endless iterator over this data-parallel rank's micro-batches, from a sample offset on."""
+
+    def __init__(self, dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        self.dataset = dataset
+        self.next_sample = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        start = self.next_sample + self.dp_rank * self.micro_batch_size
+        samples = [self.dataset[(start + i) % len(self.dataset)] for i in range(self.micro_batch_size)]
+        self.next_sample += self.micro_batch_size * self.dp_size
+        return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in BATCH_KEYS}

@@ -1,0 +1,118 @@
+"""Training observability: the log line, TensorBoard scalars, throughput / MFU, the loss-curve PNG.
+Only the logging rank (the last one: it holds the loss of the last pipeline stage) writes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+def flops_per_token(model_cfg, seq_length: int, recompute: str) -> float:
+    """Model FLOPs per trained token: 6 x matmul parameters, plus attention scores and values
+    (12 x layers x seq x heads*head_dim); full recompute re-runs the forward (8 instead of 6)."""
+    total, embedding = model_cfg.num_parameters()
+    input_embedding = model_cfg.padded_vocab_size() * model_cfg.hidden_size
+    matmul_params = total - input_embedding if not model_cfg.tie_word_embeddings else total
+    factor = 8 if recompute == "full" else 6
+    attention = 2 * factor * model_cfg.num_layers * seq_length * model_cfg.num_attention_heads * model_cfg.kv_channels
+    return factor * matmul_params + attention
+
+
+class TrainingLogger:
+    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool, flops_per_token: float,
+                 num_devices: int, peak_tflops: Optional[float]):
+        self.enabled = enabled
+        self.output_dir = Path(output_dir)
+        self.flops_per_token = flops_per_token
+        self.num_devices = num_devices
+        self.peak_tflops = peak_tflops  # None on CPU: no MFU
+        self.history: dict[str, list[tuple[int, float]]] = {"train_loss": [], "valid_loss": []}
+        self.writer = None
+        self._window_start = time.perf_counter()
+        self._window_tokens = 0
+        if enabled:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(self.tensorboard_dir))
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.output_dir / "tensorboard"
+
+    @property
+    def loss_png(self) -> Path:
+        return self.output_dir / "loss.png"
+
+    def restart_window(self) -> None:
+        self._window_start = time.perf_counter()
+        self._window_tokens = 0
+
+    def train_step(self, iteration: int, loss: Optional[float], lr: float, grad_norm: Optional[float],
+                   tokens: int, log_now: bool, total_iters: int) -> None:
+        self._window_tokens += tokens
+        if not self.enabled:
+            return
+        self.history["train_loss"].append((iteration, loss))
+        if not log_now:
+            return
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        tokens_per_s = self._window_tokens / elapsed
+        tflops = tokens_per_s * self.flops_per_token / self.num_devices / 1e12
+        scalars = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                   "tflops_per_device": tflops}
+        line = (f"iter {iteration:>6}/{total_iters} | loss {loss:.4f} | lr {lr:.3e} | "
+                f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3g} TFLOP/s/device")
+        if self.peak_tflops:
+            scalars["mfu"] = tflops / self.peak_tflops
+            line += f" | MFU {100 * scalars['mfu']:.1f}%"
+        print(line, flush=True)
+        if self.writer is not None:
+            for name, value in scalars.items():
+                if value is not None:
+                    self.writer.add_scalar(f"train/{name}", value, iteration)
+        self.restart_window()
+
+    def validation(self, iteration: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        self.history["valid_loss"].append((iteration, loss))
+        print(f"iter {iteration:>6} | validation loss {loss:.4f}", flush=True)
+        if self.writer is not None:
+            self.writer.add_scalar("valid/loss", loss, iteration)
+
+    def finish(self) -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.close()
+        (self.output_dir / "loss_history.json").write_text(json.dumps(self.history))
+        self._plot()
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, points in self.history.items():
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, label=name.replace("_", " "), marker="o" if len(points) < 30 else None)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.loss_png, dpi=120)
+        plt.close(fig)
+
+
+def cuda_peak_tflops(configured: float) -> Optional[float]:
+    return configured if torch.cuda.is_available() else None

@@ -1,0 +1,382 @@
+"""The pretraining loop: one file, readable top to bottom.
+
+    torchrun --nproc_per_node N -m megatron_mm.pretrain --config FILE.yaml [section.key=value ...]
+
+megatron-core does the parallel work (TP/SP/PP/VPP/CP/EP, DDP, distributed optimizer, schedules,
+dist_checkpointing); this file wires it together with our config, data and model zoo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from megatron_mm.checkpoint.dist_ckpt import (
+    TrainState,
+    find_latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from megatron_mm.config import Config, ConfigError, load_config
+from megatron_mm.training.data import MicroBatches, build_datasets
+from megatron_mm.training.metrics import TrainingLogger, cuda_peak_tflops, flops_per_token
+
+
+@dataclass
+class Trainer:
+    """Everything one rank holds for a run."""
+
+    cfg: Config
+    model: list  # DDP-wrapped model chunks (several with virtual pipeline stages)
+    optimizer: object
+    scheduler: object
+    transformer_config: object
+    train_data: object
+    valid_data: object
+    dp_rank: int
+    dp_size: int
+    iteration: int = 0
+
+    @property
+    def num_microbatches(self) -> int:
+        t = self.cfg.train
+        return t.global_batch_size // (t.micro_batch_size * self.dp_size)
+
+    @property
+    def layout(self) -> dict:
+        p = self.cfg.parallel
+        return {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "dp": self.dp_size, "ep": p.ep, "cp": p.cp}
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up
+# ---------------------------------------------------------------------------------------------
+def setup(cfg: Config) -> Trainer:
+    from megatron.core import parallel_state as ps
+    from megatron_mm.data.tokenizer import build_tokenizer
+    from megatron_mm.runtime import (
+        backend_name,
+        batch_p2p_comm_safe,
+        init_distributed,
+        set_seed,
+        transformer_engine_available,
+        validate_layout,
+    )
+    from megatron_mm.runtime.distributed import LaunchEnv
+
+    # Runs before any process group exists, so every rank prints the same single line and exits.
+    world_size, use_te = LaunchEnv.from_environ().world_size, transformer_engine_available()
+    validate_layout(cfg, world_size, use_te)
+    tokenizer = None if cfg.data.mock else build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    _resolve_vocab_size(cfg, tokenizer)
+    validate_layout(cfg, world_size, use_te)  # again, now that the vocabulary size is known
+
+    p = cfg.parallel
+    init_distributed(p.tp, p.pp, p.vpp, p.cp, p.ep)
+    set_seed(cfg.train.seed)
+    tconfig = cfg.model.transformer_config(
+        p, cfg.train, use_te=use_te, batch_p2p_comm=batch_p2p_comm_safe(backend_name(), p.pp)
+    )
+    model = build_model(cfg, tconfig, use_te)
+    optimizer, scheduler = build_optimizer(cfg, tconfig, model)
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    t = cfg.train
+    valid_samples = t.eval_iters * t.global_batch_size if t.eval_interval else 0
+    train_ds, valid_ds, _ = build_datasets(cfg, tokenizer, (t.train_iters * t.global_batch_size, valid_samples, 0))
+    trainer = Trainer(cfg, model, optimizer, scheduler, tconfig, train_ds, valid_ds, dp_rank, dp_size)
+    _load_initial_state(trainer)
+    _wire_schedule_hooks(trainer)
+    return trainer
+
+
+def _resolve_vocab_size(cfg: Config, tokenizer) -> None:
+    if tokenizer is None:
+        if cfg.model.vocab_size is None:
+            raise ConfigError("model.vocab_size is required with data.mock=true")
+        return
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
+        )
+
+
+def build_model(cfg: Config, tconfig, use_te: bool) -> list:
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    chunks = []
+    for vp_stage in range(cfg.parallel.vpp or 1):
+        stage = vp_stage if cfg.parallel.vpp else None
+        chunk = cfg.model.build(
+            tconfig,
+            use_te,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            vp_stage=stage,
+        )
+        for param in chunk.parameters():
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        if tconfig.bf16:
+            chunk = Float16Module(tconfig, chunk)
+        chunks.append(chunk)
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    wrapped = [
+        DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    for chunk in wrapped:
+        chunk.broadcast_params()  # data-parallel replicas start identical
+    return wrapped
+
+
+def build_optimizer(cfg: Config, tconfig, model):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    t = cfg.train
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=tconfig.bf16,
+            params_dtype=tconfig.params_dtype,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        ),
+        model,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters,
+        lr_decay_steps=t.lr_decay_iters or t.train_iters,
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.train_iters,
+        wd_incr_style="constant",
+        wsd_decay_steps=t.lr_wsd_decay_iters,
+        lr_wsd_decay_style="linear",
+    )
+    return optimizer, scheduler
+
+
+def _load_initial_state(trainer: Trainer) -> None:
+    """Resume (model + optimizer + scheduler + data position), or start from weights only."""
+    t = trainer.cfg.train
+    resume_from = None
+    if t.resume == "auto":
+        resume_from = find_latest_checkpoint(t.output_dir)
+    elif t.resume != "none":
+        resume_from = t.resume
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, trainer.model, trainer.optimizer, trainer.scheduler, trainer.layout)
+        trainer.iteration = state.iteration
+        _print_rank0(f"resumed from {resume_from} at iteration {state.iteration}")
+    elif t.init_from:
+        load_checkpoint(t.init_from, trainer.model)
+        _print_rank0(f"initialised weights from {t.init_from}")
+
+
+def _wire_schedule_hooks(trainer: Trainer) -> None:
+    """The callbacks megatron-core's schedules take from the TransformerConfig."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config, model = trainer.transformer_config, trainer.model
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = trainer.optimizer.scale_loss
+    config.no_sync_func = [chunk.no_sync for chunk in model]
+    if len(model) == 1:
+        config.no_sync_func = config.no_sync_func[0]
+    if trainer.cfg.parallel.overlap_grad_reduce:
+        config.grad_sync_func = [chunk.start_grad_sync for chunk in model]
+        if len(model) == 1:
+            config.grad_sync_func = config.grad_sync_func[0]
+    if trainer.cfg.parallel.overlap_param_gather:
+        config.param_sync_func = [chunk.start_param_sync for chunk in model]
+        if len(model) == 1:
+            config.param_sync_func = config.param_sync_func[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# one step
+# ---------------------------------------------------------------------------------------------
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, functools.partial(loss_func, batch["loss_mask"])
+
+
+def loss_func(loss_mask, per_token_loss):
+    """Sum of token losses and the token count: megatron-core divides by the global count."""
+    from megatron.core import parallel_state as ps
+
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(per_token_loss.float().reshape(-1) * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach().clone(), mask.sum()])
+    torch.distributed.all_reduce(report, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def _mean_loss(reports: list) -> float | None:
+    """Token-weighted mean over micro-batches; None on ranks that hold no loss (not last stage)."""
+    if not reports:
+        return None
+    total = torch.stack([r["lm loss"] for r in reports]).sum(dim=0)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def run_schedule(trainer: Trainer, batches: MicroBatches, forward_only: bool):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    # Each virtual stage reads the same micro-batch sequence through its own iterator.
+    iterators = [batches] if len(trainer.model) == 1 else [
+        MicroBatches(batches.dataset, batches.next_sample, batches.micro_batch_size, batches.dp_rank,
+                     batches.dp_size)
+        for _ in trainer.model
+    ]
+    t = trainer.cfg.train
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=trainer.model,
+        num_microbatches=trainer.num_microbatches,
+        seq_length=trainer.cfg.data.seq_length,
+        micro_batch_size=t.micro_batch_size,
+        forward_only=forward_only,
+    )
+    if len(iterators) > 1:
+        batches.next_sample = iterators[0].next_sample
+    return _mean_loss(reports)
+
+
+def train_step(trainer: Trainer, batches: MicroBatches):
+    for chunk in trainer.model:
+        chunk.zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    loss = run_schedule(trainer, batches, forward_only=False)
+    update_ok, grad_norm, _ = trainer.optimizer.step()
+    if update_ok:
+        trainer.scheduler.step(increment=1)
+    return loss, grad_norm
+
+
+@torch.no_grad()
+def evaluate(trainer: Trainer) -> float | None:
+    for chunk in trainer.model:
+        chunk.eval()
+    batches = MicroBatches(trainer.valid_data, 0, trainer.cfg.train.micro_batch_size, trainer.dp_rank,
+                           trainer.dp_size)
+    losses = [run_schedule(trainer, batches, forward_only=True) for _ in range(trainer.cfg.train.eval_iters)]
+    for chunk in trainer.model:
+        chunk.train()
+    return None if losses[0] is None else sum(losses) / len(losses)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+def train(trainer: Trainer) -> dict:
+    """Runs to train_iters (or exit_interval); returns {iteration: loss} on the logging rank."""
+    cfg, t = trainer.cfg, trainer.cfg.train
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    logger = TrainingLogger(
+        t.output_dir,
+        enabled=rank == world - 1,
+        tensorboard=t.tensorboard,
+        flops_per_token=flops_per_token(cfg.model, cfg.data.seq_length, t.recompute),
+        num_devices=world,
+        peak_tflops=cuda_peak_tflops(t.peak_tflops),
+    )
+    batches = MicroBatches(trainer.train_data, trainer.iteration * t.global_batch_size, t.micro_batch_size,
+                           trainer.dp_rank, trainer.dp_size)
+    stop_at = min(t.train_iters, t.exit_interval or t.train_iters)
+    losses = {}
+    for model_chunk in trainer.model:
+        model_chunk.train()
+    while trainer.iteration < stop_at:
+        lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this step applies
+        loss, grad_norm = train_step(trainer, batches)
+        trainer.iteration += 1
+        losses[trainer.iteration] = loss
+        logger.train_step(
+            trainer.iteration, loss, lr, grad_norm,
+            tokens=t.global_batch_size * cfg.data.seq_length,
+            log_now=trainer.iteration % t.log_interval == 0 or trainer.iteration == stop_at,
+            total_iters=t.train_iters,
+        )
+        if t.eval_interval and trainer.iteration % t.eval_interval == 0:
+            valid_loss = evaluate(trainer)
+            if valid_loss is not None:
+                logger.validation(trainer.iteration, valid_loss)
+            logger.restart_window()
+        if t.save_interval and trainer.iteration % t.save_interval == 0 and trainer.iteration != stop_at:
+            save(trainer)
+            logger.restart_window()
+    if t.save_interval or t.exit_interval:
+        save(trainer)
+    logger.finish()
+    if logger.enabled:
+        print(f"TensorBoard logs: {logger.tensorboard_dir}\nloss curve: {logger.loss_png}", flush=True)
+    return losses
+
+
+def save(trainer: Trainer) -> None:
+    t = trainer.cfg.train
+    state = TrainState(trainer.iteration, trainer.iteration * t.global_batch_size, trainer.layout)
+    path = save_checkpoint(t.output_dir, state, trainer.model, trainer.optimizer, trainer.scheduler,
+                           trainer.cfg.to_dict())
+    _print_rank0(f"saved checkpoint {path}")
+
+
+def _print_rank0(message: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(message, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_mm.pretrain", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML run config (examples/configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 parallel.tp=2")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        trainer = setup(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        train(trainer)
+    finally:
+        from megatron_mm.runtime import destroy_distributed
+
+        destroy_distributed()
+    return 0
