@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Launch megatron_mm pretraining on this node:
+#   launch/torchrun.sh FILE.yaml [key=value ...]
+# Environment: NPROC (default: all visible GPUs, or 1 without CUDA), NNODES (1), NODE_RANK (0),
+# MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), PYTHON (the repo's .venv python if present).
+set -euo pipefail
+
+if [[ $# -lt 1 || ! -f $1 ]]; then
+  echo "usage: $0 FILE.yaml [key=value ...]" >&2
+  exit 2
+fi
+config=$1
+shift
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -z ${PYTHON:-} ]]; then
+  if [[ -x $repo/.venv/bin/python ]]; then PYTHON=$repo/.venv/bin/python; else PYTHON=python3; fi
+fi
+
+# torch's count honours CUDA_VISIBLE_DEVICES; a CPU-only machine trains as one process.
+nproc=${NPROC:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)')}
+
+# python -m torch.distributed.run is torchrun, pinned to the chosen interpreter.
+exec "$PYTHON" -m torch.distributed.run \
+  --nproc_per_node "$nproc" \
+  --nnodes "${NNODES:-1}" \
+  --node_rank "${NODE_RANK:-0}" \
+  --master_addr "${MASTER_ADDR:-127.0.0.1}" \
+  --master_port "${MASTER_PORT:-29500}" \
+  -m megatron_mm.pretrain --config "$config" "$@"
