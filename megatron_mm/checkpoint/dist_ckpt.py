@@ -44,8 +44,16 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+def unwrap(chunk):
+    """The bare model under DDP / Float16Module wrappers, so checkpoint keys are layout- and
+    precision-independent."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def _model_state(model) -> dict:
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+    return {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
 
 
 def _optimizer_state(optimizer, model_state: dict, is_loading: bool) -> dict:
@@ -156,7 +164,7 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, lay
         sharded["optimizer"] = _optimizer_state(optimizer, model_state, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(path))
     for i, chunk in enumerate(model):
-        chunk.load_state_dict(loaded[f"model{i}"])
+        unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:

@@ -58,7 +58,6 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------
 def setup(cfg: Config) -> Trainer:
     from megatron.core import parallel_state as ps
-    from megatron_mm.data.tokenizer import build_tokenizer
     from megatron_mm.runtime import (
         backend_name,
         batch_p2p_comm_safe,
@@ -72,7 +71,11 @@ def setup(cfg: Config) -> Trainer:
     # Runs before any process group exists, so every rank prints the same single line and exits.
     world_size, use_te = LaunchEnv.from_environ().world_size, transformer_engine_available()
     validate_layout(cfg, world_size, use_te)
-    tokenizer = None if cfg.data.mock else build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    tokenizer = None
+    if not cfg.data.mock:
+        from megatron_mm.data.tokenizer import build_tokenizer
+
+        tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     _resolve_vocab_size(cfg, tokenizer)
     validate_layout(cfg, world_size, use_te)  # again, now that the vocabulary size is known
 

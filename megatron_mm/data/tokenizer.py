@@ -1,0 +1,186 @@
+"""Text tokenizers (sentencepiece, Hugging Face) behind one small interface, and sentencepiece training.
+
+Every tokenizer has `.tokenize(text) -> list[int]` (no BOS/EOS added), `.detokenize(ids) -> str`,
+`.vocab_size`, `.eod` (the end-of-document/EOS id) and `.pad` (the pad id, or `.eod` when the
+vocabulary has none). Models are only ever read from local paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Protocol
+
+# Spellings of the end-of-text token in common vocabularies, tried when a bare tokenizer.json
+# comes without a tokenizer_config.json naming its EOS token.
+KNOWN_EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>")
+KNOWN_PAD_TOKENS = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eod: int
+    pad: int
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def detokenize(self, ids: Iterable[int]) -> str: ...
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece `.model` file; its EOS piece is the end-of-document token."""
+
+    def __init__(self, model_path: str):
+        import sentencepiece
+
+        self.model_path = model_path
+        self._processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        self.vocab_size = self._processor.get_piece_size()
+        self.eod = self._processor.eos_id()
+        if self.eod < 0:
+            raise ValueError(f"sentencepiece model {model_path} defines no EOS piece (eos_id=-1)")
+        pad = self._processor.pad_id()
+        self.pad = pad if pad >= 0 else self.eod
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._processor.encode(text, out_type=int)
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self._processor.decode([int(i) for i in ids])
+
+
+class HuggingFaceTokenizer:
+    """A local `tokenizer.json` file (tokenizers library) or a local Hugging Face tokenizer directory.
+
+    A directory is loaded with transformers' AutoTokenizer, offline. For a bare tokenizer.json the EOS
+    and pad tokens come from a tokenizer_config.json beside it, else from well-known token spellings.
+    """
+
+    def __init__(self, model_path: str):
+        self.model_path = model_path
+        if os.path.isdir(model_path):
+            self._load_directory(model_path)
+        else:
+            self._load_tokenizer_json(model_path)
+        if self.eod is None:
+            raise ValueError(f"cannot find an EOS token in Hugging Face tokenizer {model_path}")
+        if self.pad is None:
+            self.pad = self.eod
+
+    def _load_directory(self, path: str) -> None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self._encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+        self._decode = tokenizer.decode
+        self.vocab_size = len(tokenizer)
+        self.eod = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id
+
+    def _load_tokenizer_json(self, path: str) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        tokenizer = RustTokenizer.from_file(path)
+        self._encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+        self._decode = tokenizer.decode
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        named = _special_tokens_from_config(Path(path).with_name("tokenizer_config.json"))
+        self.eod = _first_token_id(tokenizer, [named.get("eos_token"), *KNOWN_EOS_TOKENS])
+        self.pad = _first_token_id(tokenizer, [named.get("pad_token"), *KNOWN_PAD_TOKENS])
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._encode(text)
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self._decode([int(i) for i in ids])
+
+
+def _special_tokens_from_config(config_path: Path) -> dict[str, str]:
+    """eos_token/pad_token strings of a tokenizer_config.json (either a string or an AddedToken dict)."""
+    if not config_path.is_file():
+        return {}
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    tokens = {}
+    for name in ("eos_token", "pad_token"):
+        value = config.get(name)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            tokens[name] = value
+    return tokens
+
+
+def _first_token_id(tokenizer, candidates: list[Optional[str]]) -> Optional[int]:
+    for token in candidates:
+        if token is not None and (token_id := tokenizer.token_to_id(token)) is not None:
+            return token_id
+    return None
+
+
+TOKENIZER_TYPES = {
+    "sentencepiece": SentencePieceTokenizer,
+    "huggingface": HuggingFaceTokenizer,
+}
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str) -> Tokenizer:
+    """The tokenizer of `tokenizer_type` read from the local path `tokenizer_model`."""
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise ValueError(
+            f"unknown tokenizer type {tokenizer_type!r}; valid types: {', '.join(TOKENIZER_TYPES)}"
+        )
+    if not tokenizer_model or not os.path.exists(tokenizer_model):
+        raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model}")
+    return TOKENIZER_TYPES[tokenizer_type](tokenizer_model)
+
+
+def _jsonl_texts(input_jsonl: str, json_key: str) -> Iterator[str]:
+    """Non-empty string values of `json_key`; unreadable lines are skipped, as preprocessing does."""
+    with open(input_jsonl, "rb") as lines:
+        for line in lines:
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                continue
+            text = record.get(json_key) if isinstance(record, dict) else None
+            if isinstance(text, str) and text.strip():
+                yield text
+
+
+def train_sentencepiece(
+    input_jsonl: str,
+    json_key: str,
+    vocab_size: int,
+    output_prefix: str,
+    character_coverage: float = 0.9995,
+    max_sentence_length: int = 1 << 16,
+    num_threads: int = 1,
+) -> str:
+    """Train a byte-fallback BPE sentencepiece model on one JSONL field; returns the `.model` path.
+
+    Ids: unk=0, bos=1, eos=2 (the end-of-document token), no pad. Byte fallback needs room for the
+    256 byte pieces plus every required character, so `vocab_size` must exceed roughly 260 plus the
+    number of distinct characters kept by `character_coverage`.
+    """
+    import sentencepiece
+
+    if not os.path.isfile(input_jsonl):
+        raise FileNotFoundError(f"input file not found: {input_jsonl}")
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=_jsonl_texts(input_jsonl, json_key),
+        model_prefix=output_prefix,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=character_coverage,
+        max_sentence_length=max_sentence_length,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=num_threads,
+        minloglevel=2,
+    )
+    return f"{output_prefix}.model"

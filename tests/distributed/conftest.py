@@ -1,0 +1,59 @@
+"""Launches tests/distributed/driver.py under torchrun (gloo on CPU) and reads back what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+TINY_CONFIG = HERE / "tiny_llama.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int, out: Path, *overrides: str, config: Path = TINY_CONFIG, flags: list[str] = (),
+             check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={_free_port()}", str(HERE / "driver.py"), "--config", str(config), "--out", str(out)]
+    cmd += [*flags, *overrides]
+    # torch.compile of megatron-core's fused helpers costs ~5 s per process on CPU and changes no
+    # result; tests/distributed/test_compile.py keeps one run with it on.
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE", "1"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def read_losses(out: Path) -> dict[int, float]:
+    return {int(k): v for k, v in json.loads((out / "losses.json").read_text()).items()}
+
+
+def read_weights(out: Path, rank: int) -> dict[str, torch.Tensor]:
+    return torch.load(out / f"weights_rank{rank}.pt")
+
+
+@pytest.fixture(scope="session")
+def init_checkpoint(tmp_path_factory) -> Path:
+    """One set of initial weights, saved by a single rank; every layout loads and reshards it."""
+    out = tmp_path_factory.mktemp("init")
+    torchrun(1, out, f"train.output_dir={out}", flags=["--save-init"])
+    return out / "checkpoints" / "iter_0000000"
+
+
+@pytest.fixture(scope="session")
+def single_rank_losses(tmp_path_factory, init_checkpoint) -> dict[int, float]:
+    out = tmp_path_factory.mktemp("single")
+    torchrun(1, out, f"train.output_dir={out}", f"train.init_from={init_checkpoint}")
+    return read_losses(out)

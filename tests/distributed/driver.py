@@ -1,0 +1,84 @@
+"""Runs the real pretraining code under torchrun for the distributed tests and records what they
+compare: per-iteration losses (logging rank) and each rank's final local weights.
+
+    torchrun --nproc_per_node N tests/distributed/driver.py --config C.yaml --out DIR [--save-init] [k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True, help="directory for losses.json and weights_rank*.pt")
+    parser.add_argument("--save-init", action="store_true", help="save the initial weights and stop")
+    parser.add_argument("--force-batch-p2p", action="store_true",
+                        help="bypass the gloo PP=2 batched-p2p guard (shows the trap it prevents)")
+    parser.add_argument("--kill-during-save", type=int, metavar="ITER",
+                        help="SIGKILL this process once checkpoint ITER is written but not yet published")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    if args.force_batch_p2p:
+        import megatron_mm.runtime
+
+        megatron_mm.runtime.batch_p2p_comm_safe = lambda backend, pipeline_size: True
+    if args.kill_during_save is not None:
+        _kill_during_save(args.kill_during_save)
+
+    import torch
+
+    from megatron_mm.config import ConfigError, load_config
+    from megatron_mm.runtime import destroy_distributed
+    from megatron_mm.training import pretrain
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        trainer = pretrain.setup(load_config(args.config, args.overrides))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    rank = torch.distributed.get_rank()
+    if args.save_init:
+        pretrain.save(trainer)
+    else:
+        losses = pretrain.train(trainer)
+        if rank == torch.distributed.get_world_size() - 1:
+            (out / "losses.json").write_text(json.dumps(losses))
+        weights = {}
+        for i, chunk in enumerate(trainer.model):
+            for name, tensor in chunk.state_dict().items():
+                if torch.is_tensor(tensor):
+                    weights[f"chunk{i}.{name}"] = tensor.detach().cpu().clone()
+        torch.save(weights, out / f"weights_rank{rank}.pt")
+    destroy_distributed()
+    return 0
+
+
+def _kill_during_save(iteration: int) -> None:
+    """The worst moment for a crash: every shard written, the rename into place not yet done."""
+    import os
+    import signal
+
+    from megatron.core import dist_checkpointing
+
+    original_save = dist_checkpointing.save
+
+    def save_then_die(state, directory, *args, **kwargs):
+        result = original_save(state, directory, *args, **kwargs)
+        if Path(directory).name == f"iter_{iteration:07d}.tmp":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    dist_checkpointing.save = save_then_die
+
+
+if __name__ == "__main__":
+    sys.exit(main())
