@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Protocol
+from typing import Callable, Iterable, Iterator, Optional, Protocol
 
-# Spellings of the end-of-text token in common vocabularies, tried when a bare tokenizer.json
-# comes without a tokenizer_config.json naming its EOS token.
+# Spellings of the end-of-text and pad tokens in common vocabularies, tried when the tokenizer's
+# own configuration names none.
 KNOWN_EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>")
 KNOWN_PAD_TOKENS = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 
@@ -53,8 +53,9 @@ class SentencePieceTokenizer:
 class HuggingFaceTokenizer:
     """A local `tokenizer.json` file (tokenizers library) or a local Hugging Face tokenizer directory.
 
-    A directory is loaded with transformers' AutoTokenizer, offline. For a bare tokenizer.json the EOS
-    and pad tokens come from a tokenizer_config.json beside it, else from well-known token spellings.
+    A directory is loaded with transformers' AutoTokenizer, offline. The EOS and pad tokens are the ones
+    its configuration names (for a bare tokenizer.json: a tokenizer_config.json beside it), else the
+    first well-known spelling the vocabulary has.
     """
 
     def __init__(self, model_path: str):
@@ -75,8 +76,9 @@ class HuggingFaceTokenizer:
         self._encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
         self._decode = tokenizer.decode
         self.vocab_size = len(tokenizer)
-        self.eod = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id
+        token_to_id = tokenizer.get_vocab().get
+        self.eod = _first_token_id(token_to_id, [tokenizer.eos_token, *KNOWN_EOS_TOKENS])
+        self.pad = _first_token_id(token_to_id, [tokenizer.pad_token, *KNOWN_PAD_TOKENS])
 
     def _load_tokenizer_json(self, path: str) -> None:
         from tokenizers import Tokenizer as RustTokenizer
@@ -86,8 +88,8 @@ class HuggingFaceTokenizer:
         self._decode = tokenizer.decode
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         named = _special_tokens_from_config(Path(path).with_name("tokenizer_config.json"))
-        self.eod = _first_token_id(tokenizer, [named.get("eos_token"), *KNOWN_EOS_TOKENS])
-        self.pad = _first_token_id(tokenizer, [named.get("pad_token"), *KNOWN_PAD_TOKENS])
+        self.eod = _first_token_id(tokenizer.token_to_id, [named.get("eos_token"), *KNOWN_EOS_TOKENS])
+        self.pad = _first_token_id(tokenizer.token_to_id, [named.get("pad_token"), *KNOWN_PAD_TOKENS])
 
     def tokenize(self, text: str) -> list[int]:
         return self._encode(text)
@@ -111,9 +113,10 @@ def _special_tokens_from_config(config_path: Path) -> dict[str, str]:
     return tokens
 
 
-def _first_token_id(tokenizer, candidates: list[Optional[str]]) -> Optional[int]:
+def _first_token_id(token_to_id: Callable[[str], Optional[int]], candidates: list[Optional[str]]) -> Optional[int]:
+    """Id of the first candidate token the vocabulary has."""
     for token in candidates:
-        if token is not None and (token_id := tokenizer.token_to_id(token)) is not None:
+        if token is not None and (token_id := token_to_id(token)) is not None:
             return token_id
     return None
 

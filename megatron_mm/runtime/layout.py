@@ -71,22 +71,24 @@ def validate_layout(cfg: Config, world_size: int, have_te: bool) -> None:
     for message in m.validate(p):
         raise ConfigError(message)
     if not d.mock:
-        if not d.blend:
-            raise ConfigError("data.blend is empty: give indexed-dataset prefixes or set data.mock=true")
-        for prefix in d.blend[1::2] if _is_weighted(d.blend) else d.blend:
-            if not Path(prefix + ".idx").is_file() or not Path(prefix + ".bin").is_file():
-                raise ConfigError(f"data path not found: {prefix}.bin/.idx")
-        if not d.tokenizer_model or not Path(d.tokenizer_model).exists():
-            raise ConfigError(f"data.tokenizer_model not found: {d.tokenizer_model}")
+        _check_data(d)
     for name in ("resume", "init_from"):
         value = getattr(t, name)
         if value not in (None, "auto", "none") and not Path(value).is_dir():
             raise ConfigError(f"train.{name} checkpoint not found: {value}")
 
 
-def _is_weighted(blend: list[str]) -> bool:
+def _check_data(data) -> None:
+    from megatron_mm.data.gpt_data import parse_blend
+
+    if not data.blend:
+        raise ConfigError("data.blend is empty: give indexed-dataset prefixes or set data.mock=true")
     try:
-        float(blend[0])
-    except (ValueError, IndexError):
-        return False
-    return True
+        prefixes, _ = parse_blend(data.blend)
+    except ValueError as err:
+        raise ConfigError(f"data.blend: {err}") from None
+    for prefix in prefixes:
+        if not Path(prefix + ".idx").is_file() or not Path(prefix + ".bin").is_file():
+            raise ConfigError(f"data path not found: {prefix}.bin/.idx")
+    if not data.tokenizer_model or not Path(data.tokenizer_model).exists():
+        raise ConfigError(f"data.tokenizer_model not found: {data.tokenizer_model}")

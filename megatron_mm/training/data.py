@@ -17,8 +17,6 @@ BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 def build_datasets(cfg: Config, tokenizer, num_samples: tuple[int, int, int]):
     """(train, valid, test) GPT datasets; valid/test may be None."""
-    if cfg.data.mock:
-        return _mock_datasets(cfg, num_samples)
     from megatron_mm.data.gpt_data import build_gpt_datasets
 
     return build_gpt_datasets(
@@ -29,35 +27,9 @@ def build_datasets(cfg: Config, tokenizer, num_samples: tuple[int, int, int]):
         num_samples=num_samples,
         tokenizer=tokenizer,
         cache_dir=cfg.data.cache_dir,
+        mock=cfg.data.mock,
+        vocab_size=cfg.model.vocab_size,
     )
-
-
-class _MockTokenizer:
-    """The few tokenizer facts megatron-core's MockGPTDataset reads."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-        self.eod = self.eos = self.pad = 0
-        self.special_tokens_dict = {}
-        self.unique_identifiers = {"class": "mock", "vocab_size": vocab_size}
-
-
-def _mock_datasets(cfg: Config, num_samples):
-    """megatron-core's synthetic GPT data (ascending token runs): no files, fully deterministic."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
-
-    config = GPTDatasetConfig(
-        random_seed=cfg.train.seed,
-        sequence_length=cfg.data.seq_length,
-        split=cfg.data.split,
-        tokenizer=_MockTokenizer(cfg.model.vocab_size),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-    )
-    return BlendedMegatronDatasetBuilder(MockGPTDataset, list(num_samples), lambda: True, config).build()
 
 
 class MicroBatches:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,9 +31,21 @@ def torchrun(nproc: int, out: Path, *overrides: str, config: Path = TINY_CONFIG,
            f"--master_port={_free_port()}", str(HERE / "driver.py"), "--config", str(config), "--out", str(out)]
     cmd += [*flags, *overrides]
     # torch.compile of megatron-core's fused helpers costs ~5 s per process on CPU and changes no
-    # result; tests/distributed/test_compile.py keeps one run with it on.
+    # result; tests/unit/test_compile.py keeps one run with it on.
     env = {**os.environ, "TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE", "1"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        # Own session, output to files: a rank killed mid-save leaves dist_checkpointing's helper
+        # processes behind holding inherited descriptors; the whole group is reaped afterwards.
+        process = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True, env=env, start_new_session=True)
+        try:
+            returncode = process.wait(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        stdout.seek(0)
+        stderr.seek(0)
+        result = subprocess.CompletedProcess(cmd, returncode, stdout.read(), stderr.read())
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result

@@ -1,0 +1,26 @@
+# Thin wrappers; each target is one line of real work. Everything installs from this repository's
+# own files into .venv (torch 2.13.0 CPU wheel, megatron-core 0.16.1, the C++ extension).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv quickstart test bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0 setuptools wheel pybind11 && $(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+quickstart: venv
+	$(PY) examples/quickstart.py
+
+test: venv
+	$(PY) -m pytest tests -q
+
+bench: venv
+	$(PY) bench/preprocess.py && $(PY) bench/memory.py
+
+clean:
+	rm -rf build megatron_mm/_C*.so outputs data/quickstart

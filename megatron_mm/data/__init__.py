@@ -1,0 +1,1 @@
+"""Data pipeline: tokenizers, JSONL -> indexed-dataset preprocessing, GPT dataset building."""

@@ -1,0 +1,235 @@
+"""JSONL -> megatron-core indexed datasets (`PREFIX_{key}_document.{bin,idx}`), one document per line.
+
+Lines are read as bytes and decoded here, so a bad line is counted under a skip reason instead of
+stopping the run. Workers tokenize chunks of lines; results are written in input order with
+megatron-core's IndexedDatasetBuilder, in the smallest dtype the vocabulary fits (Megatron-LM's format).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from collections import Counter, deque
+from itertools import islice
+from typing import BinaryIO, Iterator, Optional, Sequence, Union
+
+import numpy
+
+from megatron_mm.data.tokenizer import Tokenizer, build_tokenizer
+
+# Why a line or a document was not written. Line-level reasons skip the line for every key;
+# the others are counted once per (line, key).
+SKIP_REASONS = {
+    "blank_line": "line is empty or whitespace",
+    "invalid_utf8": "bytes are not valid UTF-8 (or the text has lone surrogates)",
+    "malformed_json": "line is not valid JSON",
+    "not_an_object": "JSON value is not an object",
+    "missing_key": "object lacks the json key",
+    "not_a_string": "value of the json key is not a string",
+    "empty_document": "text is empty or whitespace, or tokenizes to nothing",
+}
+
+LINES_PER_CHUNK = 256
+CHUNKS_IN_FLIGHT_PER_WORKER = 4
+
+LineResult = Union[str, list]  # a line-level skip reason, or per key: token array or skip reason
+
+
+def output_prefix_for_key(output_prefix: str, json_key: str) -> str:
+    return f"{output_prefix}_{json_key}_document"
+
+
+class DocumentEncoder:
+    """Turns raw JSONL lines into token arrays (one per json key) or skip reasons."""
+
+    def __init__(self, tokenizer: Tokenizer, json_keys: Sequence[str], append_eod: bool):
+        from megatron.core.datasets.indexed_dataset import DType
+
+        self.tokenizer = tokenizer
+        self.json_keys = list(json_keys)
+        self.append_eod = append_eod
+        self.dtype = DType.optimal_dtype(tokenizer.vocab_size)
+
+    def encode_line(self, line: bytes) -> LineResult:
+        if not line.strip():
+            return "blank_line"
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            return "invalid_utf8"
+        except ValueError:
+            return "malformed_json"
+        if not isinstance(record, dict):
+            return "not_an_object"
+        return [self._encode_text(record, key) for key in self.json_keys]
+
+    def _encode_text(self, record: dict, key: str) -> Union[str, numpy.ndarray]:
+        if key not in record:
+            return "missing_key"
+        text = record[key]
+        if not isinstance(text, str):
+            return "not_a_string"
+        if not text.strip():
+            return "empty_document"
+        try:
+            text.encode("utf-8")  # JSON "\ud800" escapes decode to lone surrogates tokenizers reject
+        except UnicodeEncodeError:
+            return "invalid_utf8"
+        ids = self.tokenizer.tokenize(text)
+        if not ids:
+            return "empty_document"
+        if self.append_eod:
+            ids = [*ids, self.tokenizer.eod]
+        return numpy.asarray(ids, dtype=self.dtype)
+
+    def encode_chunk(self, lines: list[bytes]) -> list[LineResult]:
+        return [self.encode_line(line) for line in lines]
+
+
+# Each pool worker builds its own encoder once (tokenizers are not shared across processes).
+_worker_encoder: Optional[DocumentEncoder] = None
+
+
+def _init_worker(tokenizer_type: str, tokenizer_model: str, json_keys: list[str], append_eod: bool) -> None:
+    global _worker_encoder
+    _worker_encoder = DocumentEncoder(build_tokenizer(tokenizer_type, tokenizer_model), json_keys, append_eod)
+
+
+def _encode_chunk_in_worker(lines: list[bytes]) -> list[LineResult]:
+    return _worker_encoder.encode_chunk(lines)
+
+
+def _read_chunks(source: BinaryIO, lines_per_chunk: int) -> Iterator[list[bytes]]:
+    while chunk := list(islice(source, lines_per_chunk)):
+        yield chunk
+
+
+def _encoded_chunks(
+    chunks: Iterator[list[bytes]], encoder: DocumentEncoder, workers: int, tokenizer_type: str, tokenizer_model: str
+) -> Iterator[tuple[int, list[LineResult]]]:
+    """(bytes in chunk, results) per chunk, in input order.
+
+    Pool.imap would read the whole input ahead into its task queue; a bounded window of
+    apply_async calls keeps the same order with memory bounded by a few chunks per worker.
+    """
+    if workers == 1:
+        for chunk in chunks:
+            yield sum(map(len, chunk)), encoder.encode_chunk(chunk)
+        return
+    init_args = (tokenizer_type, tokenizer_model, encoder.json_keys, encoder.append_eod)
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        pending = deque()
+        for chunk in chunks:
+            pending.append((sum(map(len, chunk)), pool.apply_async(_encode_chunk_in_worker, (chunk,))))
+            if len(pending) >= CHUNKS_IN_FLIGHT_PER_WORKER * workers:
+                chunk_bytes, result = pending.popleft()
+                yield chunk_bytes, result.get()
+        for chunk_bytes, result in pending:
+            yield chunk_bytes, result.get()
+
+
+def preprocess_jsonl(
+    input_path: str,
+    json_keys: Sequence[str],
+    tokenizer_type: str,
+    tokenizer_model: str,
+    output_prefix: str,
+    workers: int = 1,
+    append_eod: bool = False,
+    lines_per_chunk: int = LINES_PER_CHUNK,
+    progress: bool = True,
+) -> dict:
+    """Tokenize every line of `input_path` into `output_prefix_{key}_document.{bin,idx}` per json key.
+
+    `workers` > 1 tokenizes in a multiprocessing pool (order kept); 1 tokenizes in this process.
+    Returns the summary: docs, tokens, lines, bytes, seconds, skipped (reason -> count), outputs
+    (key -> prefix). Raises FileNotFoundError for a missing input file or tokenizer model.
+    """
+    if not os.path.isfile(input_path):
+        raise FileNotFoundError(f"input file not found: {input_path}")
+    if not json_keys:
+        raise ValueError("at least one json key is needed")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
+    # megatron-core's import takes seconds: done after the checks above so that their errors come fast.
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    encoder = DocumentEncoder(tokenizer, json_keys, append_eod)
+    outputs = {key: output_prefix_for_key(output_prefix, key) for key in json_keys}
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    # Written under temporary names and renamed at the end: readers never see a half-written dataset.
+    builders = {
+        key: IndexedDatasetBuilder(f"{prefix}.bin.partial", dtype=encoder.dtype) for key, prefix in outputs.items()
+    }
+    start = time.perf_counter()
+    try:
+        counts = _write_documents(input_path, encoder, builders, workers, lines_per_chunk, tokenizer_type,
+                                  tokenizer_model, progress)
+        for key, prefix in outputs.items():
+            builders[key].finalize(f"{prefix}.idx.partial")
+            os.replace(f"{prefix}.bin.partial", f"{prefix}.bin")
+            os.replace(f"{prefix}.idx.partial", f"{prefix}.idx")
+    finally:
+        for prefix in outputs.values():
+            for partial in (f"{prefix}.bin.partial", f"{prefix}.idx.partial"):
+                if os.path.exists(partial):
+                    os.remove(partial)
+    return {**counts, "seconds": time.perf_counter() - start, "outputs": outputs}
+
+
+def _write_documents(
+    input_path: str,
+    encoder: DocumentEncoder,
+    builders: dict,
+    workers: int,
+    lines_per_chunk: int,
+    tokenizer_type: str,
+    tokenizer_model: str,
+    progress: bool,
+) -> dict:
+    from tqdm import tqdm
+
+    skipped, docs, tokens, lines, bytes_read = Counter(), 0, 0, 0, 0
+    with open(input_path, "rb") as source, tqdm(
+        total=os.path.getsize(input_path), unit="B", unit_scale=True, desc="preprocess", disable=not progress
+    ) as bar:
+        chunks = _read_chunks(source, lines_per_chunk)
+        for chunk_bytes, chunk_results in _encoded_chunks(chunks, encoder, workers, tokenizer_type, tokenizer_model):
+            for line_result in chunk_results:
+                lines += 1
+                if isinstance(line_result, str):
+                    skipped[line_result] += 1
+                    continue
+                for key, document in zip(encoder.json_keys, line_result):
+                    if isinstance(document, str):
+                        skipped[document] += 1
+                        continue
+                    builders[key].add_document(document, [document.size])
+                    docs += 1
+                    tokens += document.size
+            bytes_read += chunk_bytes
+            bar.update(chunk_bytes)
+    return {
+        "docs": docs,
+        "tokens": tokens,
+        "lines": lines,
+        "bytes": bytes_read,
+        "skipped": {reason: skipped[reason] for reason in SKIP_REASONS if skipped[reason]},
+    }
+
+
+def format_summary(summary: dict) -> str:
+    seconds = max(summary["seconds"], 1e-9)
+    lines = [
+        f"docs written: {summary['docs']}  tokens: {summary['tokens']}  lines read: {summary['lines']}  "
+        f"bytes read: {summary['bytes']}  ({summary['seconds']:.2f} s, {summary['docs'] / seconds:.0f} docs/s, "
+        f"{summary['bytes'] / seconds / 1e6:.2f} MB/s)"
+    ]
+    skipped = summary["skipped"]
+    lines.append(f"skipped: {sum(skipped.values())}" + ("" if skipped else " (none)"))
+    lines += [f"  {reason}: {count}  ({SKIP_REASONS[reason]})" for reason, count in skipped.items()]
+    lines += [f"output: {prefix}.bin / {prefix}.idx" for prefix in summary["outputs"].values()]
+    return "\n".join(lines)
