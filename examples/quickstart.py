@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,9 @@ def main() -> int:
                 "-m", "megatron_mm.pretrain", "--config", str(CONFIG), f"train.output_dir={output_dir}",
                 f"train.train_iters={args.iters}"]
     # First run stops (with a checkpoint) two thirds of the way; the second resumes from it.
-    run(*pretrain, f"train.exit_interval={2 * args.iters // 3}", "train.resume=none")
+    if output_dir.exists():  # a fresh run each time: the resume below must find this run's checkpoint
+        shutil.rmtree(output_dir)
+    run(*pretrain, f"train.exit_interval={2 * args.iters // 3}")
     run(*pretrain)
 
     history = json.loads((output_dir / "loss_history.json").read_text())["train_loss"]

@@ -24,13 +24,14 @@ def flops_per_token(model_cfg, seq_length: int, recompute: str) -> float:
 
 class TrainingLogger:
     def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool, flops_per_token: float,
-                 num_devices: int, peak_tflops: Optional[float]):
+                 num_devices: int, peak_tflops: Optional[float], start_iteration: int = 0):
         self.enabled = enabled
         self.output_dir = Path(output_dir)
         self.flops_per_token = flops_per_token
         self.num_devices = num_devices
         self.peak_tflops = peak_tflops  # None on CPU: no MFU
         self.history: dict[str, list[tuple[int, float]]] = {"train_loss": [], "valid_loss": []}
+        self._keep_earlier_history(start_iteration)
         self.writer = None
         self._window_start = time.perf_counter()
         self._window_tokens = 0
@@ -40,6 +41,14 @@ class TrainingLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(log_dir=str(self.tensorboard_dir))
+
+    def _keep_earlier_history(self, start_iteration: int) -> None:
+        """A resumed run continues the curve of the run it resumes (up to its checkpoint)."""
+        saved = self.output_dir / "loss_history.json"
+        if not self.enabled or start_iteration == 0 or not saved.is_file():
+            return
+        for name, points in json.loads(saved.read_text()).items():
+            self.history[name] = [(step, value) for step, value in points if step <= start_iteration]
 
     @property
     def tensorboard_dir(self) -> Path:

@@ -318,6 +318,7 @@ def train(trainer: Trainer) -> dict:
         flops_per_token=flops_per_token(cfg.model, cfg.data.seq_length, t.recompute),
         num_devices=world,
         peak_tflops=cuda_peak_tflops(t.peak_tflops),
+        start_iteration=trainer.iteration,
     )
     batches = MicroBatches(trainer.train_data, trainer.iteration * t.global_batch_size, t.micro_batch_size,
                            trainer.dp_rank, trainer.dp_size)

@@ -26,13 +26,13 @@ def _free_port() -> int:
 
 
 def torchrun(nproc: int, out: Path, *overrides: str, config: Path = TINY_CONFIG, flags: list[str] = (),
-             check: bool = True) -> subprocess.CompletedProcess:
+             check: bool = True, compile: bool = False) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={_free_port()}", str(HERE / "driver.py"), "--config", str(config), "--out", str(out)]
     cmd += [*flags, *overrides]
     # torch.compile of megatron-core's fused helpers costs ~5 s per process on CPU and changes no
-    # result; tests/unit/test_compile.py keeps one run with it on.
-    env = {**os.environ, "TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE", "1"), "OMP_NUM_THREADS": "1"}
+    # result; test_parallel_equivalence.py keeps one run with it on (compile=True).
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "0" if compile else "1", "OMP_NUM_THREADS": "1"}
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         # Own session, output to files: a rank killed mid-save leaves dist_checkpointing's helper

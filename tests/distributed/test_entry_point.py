@@ -24,23 +24,25 @@ def pretrain(nproc: int, *args: str, cwd: Path = ROOT, timeout: int = 600) -> su
 
 
 @pytest.mark.parametrize("override, message", [
-    ("parallel.tp=3", "error: model.num_attention_heads=4 is not divisible by parallel.tp=3"),
+    ("parallel.tp=3", "error: world size 2 is not divisible by tp*pp*cp = 3*1*1 = 3"),
+    ("model.num_query_groups=1", "error: model.num_query_groups=1 is not divisible by parallel.tp=2"),
     ("parallel.tpp=2", "error: unknown key 'parallel.tpp'; did you mean 'parallel.tp'?"),
     ("data.mock=false", "error: data.blend is empty"),
 ])
 def test_bad_config_one_line_on_every_rank(override, message):
-    result = pretrain(2, "--config", str(TINY_CONFIG), override)
+    result = pretrain(2, "--config", str(TINY_CONFIG), "parallel.tp=2", override)
     assert result.returncode != 0
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 2, result.stderr  # one per rank
     assert all(line.startswith(message) for line in error_lines), error_lines
-    assert "Traceback" not in result.stderr
+    # torchrun reports the failed children with its own traceback; none comes from our ranks.
+    assert f'File "{ROOT / "megatron_mm"}' not in result.stderr
 
 
 def test_missing_data_path_fails_before_building(tmp_path):
     result = pretrain(1, "--config", str(TINY_CONFIG), "data.mock=false",
                       f"data.blend=[{tmp_path / 'nothing_text_document'}]", f"data.tokenizer_model={tmp_path / 't.model'}")
-    assert result.returncode == 2
+    assert result.returncode != 0  # torchrun exits 1 whatever its children's code (ours: 2)
     assert f"error: data path not found: {tmp_path / 'nothing_text_document'}.bin/.idx" in result.stderr
 
 
@@ -59,7 +61,7 @@ def test_real_corpus_trains_and_leaves_artifacts(tmp_path):
     result = pretrain(2, "--config", str(TINY_CONFIG), "parallel.pp=2", "data.mock=false", "model.vocab_size=null",
                       f"data.blend=[{tmp_path / 'corpus_text_document'}]", f"data.tokenizer_model={tmp_path / 'tok.model'}",
                       "data.split=90,10,0", "train.train_iters=30", "train.eval_interval=15", "train.save_interval=30",
-                      "train.log_interval=5", "train.tensorboard=true", f"train.output_dir={out}")
+                      "train.log_interval=5", "train.lr=3e-3", "train.tensorboard=true", f"train.output_dir={out}")
     assert result.returncode == 0, result.stderr[-4000:]
     history = json.loads((out / "loss_history.json").read_text())
     train_losses = [loss for _, loss in history["train_loss"]]

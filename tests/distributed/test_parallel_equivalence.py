@@ -44,6 +44,12 @@ def test_losses_decrease_and_differ_from_other_weights(single_rank_losses, tmp_p
     assert abs(other[1] - single_rank_losses[1]) / single_rank_losses[1] > 1e-4
 
 
+def test_torch_compile_path_matches(tmp_path, init_checkpoint, single_rank_losses):
+    """megatron-core's jit_fuser (torch.compile) on, as users run it: same losses as the eager path."""
+    torchrun(1, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={init_checkpoint}", compile=True)
+    assert_same_losses(single_rank_losses, read_losses(tmp_path))
+
+
 def test_gloo_pp2_batched_p2p_trap_is_guarded(tmp_path, init_checkpoint, single_rank_losses):
     """With two pipeline ranks, gloo mis-pairs megatron-core's batched send/recv: forcing batching
     back on (bypassing runtime.batch_p2p_comm_safe) gives a silently wrong loss, which is exactly
