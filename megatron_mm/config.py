@@ -51,7 +51,7 @@ class TrainConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 8
     train_iters: int = 1000
-    exit_interval: Optional[int] = None  # stop (after saving) once this iteration is reached
+    exit_interval: Optional[int] = None  # save and stop at the next multiple of this (Megatron-LM's)
     lr: float = 3.0e-4
     min_lr: float = 3.0e-5
     lr_warmup_iters: int = 0

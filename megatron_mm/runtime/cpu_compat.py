@@ -202,6 +202,21 @@ def _patch_megatron() -> None:
     mla.HAVE_TE = False
 
 
+def _enter_mode_in_custom_backward(mode: TorchFunctionMode) -> None:
+    """autograd runs custom Functions' backward with an empty torch-function mode stack. Activation
+    recompute (tensor_parallel/random.py CheckpointFunction.backward re-runs the layers' forward,
+    e.g. transformer/utils.py get_default_causal_mask(device="cuda")) needs the mode there too."""
+    from torch.autograd.function import BackwardCFunction
+
+    original_apply = BackwardCFunction.apply
+
+    def apply_with_mode(self, *args):
+        with mode:
+            return original_apply(self, *args)
+
+    BackwardCFunction.apply = apply_with_mode
+
+
 def apply_cpu_compat() -> None:
     """Apply every CPU patch once. A no-op when CUDA is available."""
     global _APPLIED
@@ -209,7 +224,9 @@ def apply_cpu_compat() -> None:
         return
     _patch_torch_cuda()
     _patch_megatron()
-    _CudaToCpuMode().__enter__()
+    mode = _CudaToCpuMode()
+    mode.__enter__()
+    _enter_mode_in_custom_backward(mode)
     _APPLIED = True
 
 

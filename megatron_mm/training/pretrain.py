@@ -322,7 +322,10 @@ def train(trainer: Trainer) -> dict:
     )
     batches = MicroBatches(trainer.train_data, trainer.iteration * t.global_batch_size, t.micro_batch_size,
                            trainer.dp_rank, trainer.dp_size)
-    stop_at = min(t.train_iters, t.exit_interval or t.train_iters)
+    stop_at = t.train_iters
+    if t.exit_interval:
+        next_exit = (trainer.iteration // t.exit_interval + 1) * t.exit_interval
+        stop_at = min(stop_at, next_exit)
     losses = {}
     for model_chunk in trainer.model:
         model_chunk.train()

@@ -19,6 +19,8 @@ LAYOUTS = {
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "dp2_distopt": (2, ["parallel.distributed_optimizer=true"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "full_recompute": (1, ["train.recompute=full"]),
+    "selective_recompute_tp2": (2, ["parallel.tp=2", "train.recompute=selective"]),
 }
 
 

@@ -65,3 +65,22 @@ def test_latest_falls_back_to_newest_complete(tmp_path):
     _checkpoint(root, 9, complete=False)
     (root / "latest").write_text("iter_0000012")  # names a checkpoint that is gone
     assert find_latest_checkpoint(tmp_path) == eight
+
+
+@cpu_only
+def test_cuda_requests_land_on_cpu_inside_custom_backward():
+    """Activation recompute re-runs forward code inside an autograd.Function's backward."""
+    apply_cpu_compat()
+
+    class AddOnes(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x + torch.ones(2, device="cuda")
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * torch.full((2,), 3.0, device="cuda")
+
+    x = torch.zeros(2, requires_grad=True)
+    AddOnes.apply(x).sum().backward()
+    assert torch.equal(x.grad, torch.full((2,), 3.0))
