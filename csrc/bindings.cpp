@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "load_balance.h"
+#include "moe_permute.h"
 
 #ifdef MEGATRON_MM_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -69,6 +70,309 @@ torch::Tensor expert_histogram(const torch::Tensor& indices, int64_t num_experts
   return counts.narrow(0, 0, num_experts);
 }
 
+
+// ---- MoE permute / unpermute (kernel contracts in moe_permute.h) ----
+
+FloatType float_type_of(const torch::Tensor& tensor, const char* op) {
+  const torch::ScalarType type = tensor.scalar_type();
+  TORCH_CHECK_TYPE(type == torch::kFloat32 || type == torch::kFloat64 ||
+                       type == torch::kFloat16 || type == torch::kBFloat16,
+                   op, ": expected float32/float64/float16/bfloat16 data, got ", type);
+  return type == torch::kFloat32   ? FloatType::kFloat32
+         : type == torch::kFloat64 ? FloatType::kFloat64
+         : type == torch::kFloat16 ? FloatType::kFloat16
+                                   : FloatType::kBFloat16;
+}
+
+// The kernels sum in float (double for float64 data) and read probabilities in that type.
+torch::ScalarType accum_type_of(const torch::Tensor& data) {
+  return data.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+}
+
+#ifdef MEGATRON_MM_WITH_CUDA
+void check_cuda(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
+}
+
+torch::Tensor workspace_like(const torch::Tensor& tensor, size_t bytes) {
+  return torch::empty({static_cast<int64_t>(bytes)}, tensor.options().dtype(torch::kUInt8));
+}
+#endif
+
+void check_device(const torch::Tensor& tensor, const char* op) {
+#ifndef MEGATRON_MM_WITH_CUDA
+  TORCH_CHECK(!tensor.is_cuda(), op,
+              ": megatron_mm._C was built without CUDA; rebuild with nvcc and a CUDA build of "
+              "torch (pip install --no-build-isolation -e .) or move the tensors to the CPU");
+#endif
+  TORCH_CHECK(tensor.is_cuda() || tensor.device().is_cpu(), op, ": unsupported device ",
+              tensor.device());
+}
+
+// out[i] = src[index[i]] over the leading dimension, zero where index[i] == -1; index is
+// trusted (built by moe_permute or checked by the caller).
+torch::Tensor gather_rows(const torch::Tensor& src, const torch::Tensor& index) {
+  std::vector<int64_t> out_shape = src.sizes().vec();
+  out_shape[0] = index.numel();
+  torch::Tensor out = torch::empty(out_shape, src.options());
+  // From the trailing sizes, not nbytes / rows: src may have no rows but out still does.
+  int64_t row_bytes = src.element_size();
+  for (int64_t d = 1; d < src.dim(); ++d) row_bytes *= src.size(d);
+  if (out.numel() == 0) return out;
+  if (src.is_cuda()) {
+#ifdef MEGATRON_MM_WITH_CUDA
+    const c10::cuda::CUDAGuard device_guard(src.device());
+    check_cuda(moe_gather_rows_cuda(src.data_ptr(), row_bytes, index.data_ptr<int64_t>(),
+                                    index.numel(), out.data_ptr(),
+                                    c10::cuda::getCurrentCUDAStream()),
+               "moe_gather_rows");
+#endif
+  } else {
+    moe_gather_rows_cpu(src.data_ptr(), row_bytes, index.data_ptr<int64_t>(), index.numel(),
+                        out.data_ptr());
+  }
+  return out;
+}
+
+// Groups token rows by expert (expert ascending, token ascending within an expert).
+// tokens [T, H] float; topk_indices [T, K] int32/int64 with -1 = no expert; topk_probs
+// [T, K] optional; capacity: keep each expert's first `capacity` tokens in [E * capacity]
+// padded rows. Returns (permuted [N, H], permuted_probs [N] or None, row_map [N] int64
+// source token (-1 = padding), tokens_per_expert [E] int64 rows kept per expert,
+// row_of_slot [T, K] int64 permuted row of each slot (-1 = none)).
+std::tuple<torch::Tensor, c10::optional<torch::Tensor>, torch::Tensor, torch::Tensor,
+           torch::Tensor>
+moe_permute(const torch::Tensor& tokens, const torch::Tensor& topk_indices, int64_t num_experts,
+            const c10::optional<torch::Tensor>& topk_probs, c10::optional<int64_t> capacity) {
+  constexpr const char* op = "moe_permute";
+  TORCH_CHECK_VALUE(num_experts > 0, op, ": num_experts must be positive, got ", num_experts);
+  TORCH_CHECK_VALUE(!capacity || *capacity >= 0, op, ": capacity must be >= 0, got ",
+                    capacity.value_or(0));
+  TORCH_CHECK_VALUE(tokens.dim() == 2, op, ": tokens must be [tokens, hidden], got shape ",
+                    tokens.sizes());
+  TORCH_CHECK_TYPE(topk_indices.scalar_type() == torch::kInt64 ||
+                       topk_indices.scalar_type() == torch::kInt32,
+                   op, ": topk_indices must be int32 or int64, got ", topk_indices.scalar_type());
+  TORCH_CHECK_VALUE(topk_indices.dim() == 2 && topk_indices.size(0) == tokens.size(0), op,
+                    ": topk_indices must be [tokens=", tokens.size(0), ", top_k], got shape ",
+                    topk_indices.sizes());
+  float_type_of(tokens, op);
+  check_device(tokens, op);
+  TORCH_CHECK(topk_indices.device() == tokens.device(), op,
+              ": topk_indices and tokens are on different devices");
+  if (topk_probs) {
+    TORCH_CHECK_VALUE(topk_probs->sizes() == topk_indices.sizes(), op,
+                      ": topk_probs must have the shape of topk_indices ", topk_indices.sizes(),
+                      ", got ", topk_probs->sizes());
+    TORCH_CHECK_TYPE(topk_probs->is_floating_point(), op, ": topk_probs must be floating point");
+    TORCH_CHECK(topk_probs->device() == tokens.device(), op,
+                ": topk_probs and tokens are on different devices");
+  }
+
+  const torch::Tensor source = tokens.contiguous();
+  const torch::Tensor routing = topk_indices.contiguous();
+  const int64_t num_tokens = routing.size(0);
+  const int64_t top_k = routing.size(1);
+  const bool is_int64 = routing.scalar_type() == torch::kInt64;
+  const auto index_options = routing.options().dtype(torch::kInt64);
+  torch::Tensor counts = torch::empty({num_experts + 2}, index_options);
+
+#ifdef MEGATRON_MM_WITH_CUDA
+  c10::optional<c10::cuda::CUDAGuard> device_guard;
+  if (source.is_cuda()) device_guard.emplace(source.device());
+#endif
+  if (source.is_cuda()) {
+#ifdef MEGATRON_MM_WITH_CUDA
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    check_cuda(is_int64 ? moe_route_counts_cuda(routing.data_ptr<int64_t>(), num_tokens, top_k,
+                                                num_experts, counts.data_ptr<int64_t>(), stream)
+                        : moe_route_counts_cuda(routing.data_ptr<int32_t>(), num_tokens, top_k,
+                                                num_experts, counts.data_ptr<int64_t>(), stream),
+               op);
+#endif
+  } else if (is_int64) {
+    moe_route_counts_cpu(routing.data_ptr<int64_t>(), num_tokens, top_k, num_experts,
+                         counts.data_ptr<int64_t>());
+  } else {
+    moe_route_counts_cpu(routing.data_ptr<int32_t>(), num_tokens, top_k, num_experts,
+                         counts.data_ptr<int64_t>());
+  }
+
+  // The row count sizes the outputs, so the host needs the counts (the one sync).
+  const torch::Tensor host_counts = counts.cpu();
+  const int64_t* count = host_counts.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(count[num_experts] == 0, op, ": ", count[num_experts],
+                    " topk_indices outside [-1, num_experts=", num_experts, ")");
+  TORCH_CHECK_VALUE(count[num_experts + 1] == 0, op, ": ", count[num_experts + 1],
+                    " tokens choose the same expert more than once");
+  int64_t num_rows = 0;
+  for (int64_t e = 0; e < num_experts; ++e) num_rows += count[e];
+  if (capacity) num_rows = num_experts * *capacity;
+
+  torch::Tensor row_map = torch::empty({num_rows}, index_options);
+  torch::Tensor slot_of_row = torch::empty({num_rows}, index_options);
+  torch::Tensor row_of_slot = torch::empty({num_tokens, top_k}, index_options);
+  const int64_t capacity_or_none = capacity.value_or(-1);
+  if (source.is_cuda()) {
+#ifdef MEGATRON_MM_WITH_CUDA
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const size_t workspace_bytes =
+        moe_permute_map_workspace_bytes(num_tokens, top_k, num_experts);
+    torch::Tensor workspace = workspace_like(source, workspace_bytes);
+    const auto build = [&](auto* topk) {
+      return moe_build_permute_map_cuda(topk, num_tokens, top_k, num_experts, capacity_or_none,
+                                        counts.data_ptr<int64_t>(), workspace.data_ptr(),
+                                        workspace_bytes, row_map.data_ptr<int64_t>(),
+                                        slot_of_row.data_ptr<int64_t>(),
+                                        row_of_slot.data_ptr<int64_t>(), stream);
+    };
+    check_cuda(is_int64 ? build(routing.data_ptr<int64_t>()) : build(routing.data_ptr<int32_t>()),
+               op);
+#endif
+  } else {
+    const auto build = [&](auto* topk) {
+      moe_build_permute_map_cpu(topk, num_tokens, top_k, num_experts, capacity_or_none, count,
+                                row_map.data_ptr<int64_t>(), slot_of_row.data_ptr<int64_t>(),
+                                row_of_slot.data_ptr<int64_t>());
+    };
+    is_int64 ? build(routing.data_ptr<int64_t>()) : build(routing.data_ptr<int32_t>());
+  }
+
+  torch::Tensor permuted = gather_rows(source, row_map);
+  c10::optional<torch::Tensor> permuted_probs;
+  if (topk_probs) permuted_probs = gather_rows(topk_probs->contiguous().view({-1}), slot_of_row);
+  torch::Tensor tokens_per_expert = host_counts.narrow(0, 0, num_experts).clone();
+  if (capacity) tokens_per_expert = tokens_per_expert.clamp_max(*capacity);
+  return {permuted, permuted_probs, row_map, tokens_per_expert.to(tokens.device()), row_of_slot};
+}
+
+// out [num_tokens, H] with out[row_map[i]] += probs[i] * permuted[i] (rows with row_map -1
+// skipped), summed in float32 (float64 for float64 data) in ascending row order.
+torch::Tensor moe_unpermute(const torch::Tensor& permuted, const torch::Tensor& row_map,
+                            int64_t num_tokens, const c10::optional<torch::Tensor>& probs) {
+  constexpr const char* op = "moe_unpermute";
+  TORCH_CHECK_VALUE(num_tokens >= 0, op, ": num_tokens must be >= 0, got ", num_tokens);
+  TORCH_CHECK_VALUE(permuted.dim() == 2, op, ": permuted must be [rows, hidden], got shape ",
+                    permuted.sizes());
+  TORCH_CHECK_TYPE(row_map.scalar_type() == torch::kInt64, op, ": row_map must be int64, got ",
+                   row_map.scalar_type());
+  TORCH_CHECK_VALUE(row_map.dim() == 1 && row_map.size(0) == permuted.size(0), op,
+                    ": row_map must be [rows=", permuted.size(0), "], got shape ",
+                    row_map.sizes());
+  const FloatType dtype = float_type_of(permuted, op);
+  check_device(permuted, op);
+  TORCH_CHECK(row_map.device() == permuted.device(), op,
+              ": row_map and permuted are on different devices");
+  if (probs) {
+    TORCH_CHECK_VALUE(probs->sizes() == row_map.sizes(), op, ": probs must be [rows=",
+                      row_map.size(0), "], got shape ", probs->sizes());
+    TORCH_CHECK_TYPE(probs->is_floating_point(), op, ": probs must be floating point");
+    TORCH_CHECK(probs->device() == permuted.device(), op,
+                ": probs and permuted are on different devices");
+  }
+
+  const torch::Tensor rows = permuted.contiguous();
+  const torch::Tensor map = row_map.contiguous();
+  c10::optional<torch::Tensor> weights;
+  if (probs) weights = probs->to(accum_type_of(rows)).contiguous();
+  const void* weights_ptr = weights ? weights->data_ptr() : nullptr;
+  const int64_t hidden = rows.size(1);
+  torch::Tensor out = torch::empty({num_tokens, hidden}, rows.options());
+
+  if (rows.is_cuda()) {
+#ifdef MEGATRON_MM_WITH_CUDA
+    const c10::cuda::CUDAGuard device_guard(rows.device());
+    if (map.numel() > 0) {
+      const auto [low, high] = torch::aminmax(map);
+      TORCH_CHECK_VALUE(low.item<int64_t>() >= -1 && high.item<int64_t>() < num_tokens, op,
+                        ": row_map entries outside [-1, num_tokens=", num_tokens, ")");
+    }
+    const size_t workspace_bytes = moe_unpermute_workspace_bytes(map.numel(), num_tokens);
+    torch::Tensor workspace = workspace_like(rows, workspace_bytes);
+    check_cuda(moe_unpermute_cuda(dtype, rows.data_ptr(), hidden, map.data_ptr<int64_t>(),
+                                  map.numel(), weights_ptr, num_tokens, workspace.data_ptr(),
+                                  workspace_bytes, out.data_ptr(),
+                                  c10::cuda::getCurrentCUDAStream()),
+               op);
+#endif
+  } else {
+    const int64_t num_invalid =
+        moe_unpermute_cpu(dtype, rows.data_ptr(), hidden, map.data_ptr<int64_t>(), map.numel(),
+                          weights_ptr, num_tokens, out.data_ptr());
+    TORCH_CHECK_VALUE(num_invalid == 0, op, ": ", num_invalid,
+                      " row_map entries outside [-1, num_tokens=", num_tokens, ")");
+  }
+  return out;
+}
+
+// Backward of moe_unpermute for a row_map it accepted: grad_permuted [N, H] =
+// probs[i] * grad_out[row_map[i]] (probs None: weight 1) in the dtype of grad_out, and, when
+// `permuted` is given (with probs), grad_probs [N] = dot(permuted[i], grad_out[row_map[i]])
+// in the dtype of probs.
+std::tuple<torch::Tensor, c10::optional<torch::Tensor>> moe_unpermute_backward(
+    const torch::Tensor& grad_out, const torch::Tensor& row_map,
+    const c10::optional<torch::Tensor>& probs, const c10::optional<torch::Tensor>& permuted) {
+  constexpr const char* op = "moe_unpermute_backward";
+  TORCH_CHECK_VALUE(grad_out.dim() == 2, op, ": grad_out must be [tokens, hidden], got shape ",
+                    grad_out.sizes());
+  TORCH_CHECK_VALUE(!permuted || probs, op, ": permuted is only read with probs");
+  const FloatType dtype = float_type_of(grad_out, op);
+  check_device(grad_out, op);
+  const torch::Tensor grad = grad_out.contiguous();
+  const torch::Tensor map = row_map.contiguous();
+  if (!probs) return {gather_rows(grad, map), c10::nullopt};
+
+  const int64_t hidden = grad.size(1);
+  const torch::Tensor weights = probs->to(accum_type_of(grad)).contiguous();
+  torch::Tensor grad_permuted = torch::empty({map.numel(), hidden}, grad.options());
+  torch::Tensor rows;
+  c10::optional<torch::Tensor> grad_probs;
+  if (permuted) {
+    TORCH_CHECK_VALUE(permuted->sizes() == grad_permuted.sizes(), op, ": permuted must be ",
+                      grad_permuted.sizes(), ", got ", permuted->sizes());
+    rows = permuted->to(grad.scalar_type()).contiguous();
+    grad_probs = torch::empty_like(weights);
+  }
+  const void* rows_ptr = permuted ? rows.data_ptr() : nullptr;
+  void* grad_probs_ptr = grad_probs ? grad_probs->data_ptr() : nullptr;
+  if (grad.is_cuda()) {
+#ifdef MEGATRON_MM_WITH_CUDA
+    const c10::cuda::CUDAGuard device_guard(grad.device());
+    check_cuda(moe_unpermute_backward_cuda(dtype, grad.data_ptr(), rows_ptr, hidden,
+                                           map.data_ptr<int64_t>(), map.numel(),
+                                           weights.data_ptr(), grad_permuted.data_ptr(),
+                                           grad_probs_ptr, c10::cuda::getCurrentCUDAStream()),
+               op);
+#endif
+  } else {
+    moe_unpermute_backward_cpu(dtype, grad.data_ptr(), rows_ptr, hidden, map.data_ptr<int64_t>(),
+                               map.numel(), weights.data_ptr(), grad_permuted.data_ptr(),
+                               grad_probs_ptr);
+  }
+  if (grad_probs) grad_probs = grad_probs->to(probs->scalar_type());
+  return {grad_permuted, grad_probs};
+}
+
+// out[i] = src[index[i]] along dim 0, zero rows where index[i] == -1 (permute backward of
+// the probabilities: grad_topk_probs = moe_gather_rows(grad_permuted_probs, row_of_slot)).
+torch::Tensor moe_gather_rows(const torch::Tensor& src, const torch::Tensor& index) {
+  constexpr const char* op = "moe_gather_rows";
+  TORCH_CHECK_VALUE(src.dim() >= 1, op, ": src must have a leading dimension");
+  TORCH_CHECK_TYPE(index.scalar_type() == torch::kInt64, op, ": index must be int64, got ",
+                   index.scalar_type());
+  check_device(src, op);
+  TORCH_CHECK(index.device() == src.device(), op, ": index and src are on different devices");
+  const torch::Tensor flat_index = index.contiguous().view({-1});
+  if (flat_index.numel() > 0) {
+    const auto [low, high] = torch::aminmax(flat_index);
+    TORCH_CHECK_VALUE(low.item<int64_t>() >= -1 && high.item<int64_t>() < src.size(0), op,
+                      ": index entries outside [-1, ", src.size(0), ")");
+  }
+  std::vector<int64_t> out_shape = index.sizes().vec();
+  for (int64_t d = 1; d < src.dim(); ++d) out_shape.push_back(src.size(d));
+  return gather_rows(src.contiguous(), flat_index).view(out_shape);
+}
+
 }  // namespace
 }  // namespace megatron_mm
 
@@ -79,4 +383,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("num_experts"),
         "Per-expert count of int32/int64 routing choices (-1 = dropped); raises ValueError "
         "for entries outside [-1, num_experts).");
+  // The MoE kernels only touch raw buffers and torch allocation, so they run without the GIL.
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("moe_permute", &megatron_mm::moe_permute, py::arg("tokens"), py::arg("topk_indices"),
+        py::arg("num_experts"), py::arg("topk_probs") = py::none(),
+        py::arg("capacity") = py::none(), no_gil,
+        "Group token rows by expert: (permuted, permuted_probs, row_map, tokens_per_expert, "
+        "row_of_slot).");
+  m.def("moe_unpermute", &megatron_mm::moe_unpermute, py::arg("permuted"), py::arg("row_map"),
+        py::arg("num_tokens"), py::arg("probs") = py::none(), no_gil,
+        "Sum permuted rows (weighted by probs) back into [num_tokens, hidden].");
+  m.def("moe_unpermute_backward", &megatron_mm::moe_unpermute_backward, py::arg("grad_out"),
+        py::arg("row_map"), py::arg("probs") = py::none(), py::arg("permuted") = py::none(),
+        no_gil, "Gradients of moe_unpermute: (grad_permuted, grad_probs or None).");
+  m.def("moe_gather_rows", &megatron_mm::moe_gather_rows, py::arg("src"), py::arg("index"),
+        no_gil, "src[index] along dim 0 with zero rows where index == -1.");
 }
