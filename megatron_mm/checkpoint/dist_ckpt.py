@@ -53,7 +53,11 @@ def unwrap(chunk):
 
 
 def _model_state(model) -> dict:
-    return {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
+    from megatron.core import parallel_state
+
+    # Tied copies (MTP's embedding on the last stage, TE layers) deduplicate over this group.
+    metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    return {f"model{i}": unwrap(chunk).sharded_state_dict(metadata=metadata) for i, chunk in enumerate(model)}
 
 
 def _optimizer_state(optimizer, model_state: dict, is_loading: bool) -> dict:

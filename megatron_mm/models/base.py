@@ -41,8 +41,17 @@ class DecoderConfig:
         """GPTModel keyword arguments that make this family (rotary scaling, ...)."""
         return {}
 
-    def layer_spec(self, transformer_config, use_te: bool):
-        """The megatron-core ModuleSpec of one decoder layer."""
+    def transformer_config_class(self):
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        return TransformerConfig
+
+    def extra_model_kwargs(self, transformer_config, layer_spec, use_te: bool, vp_stage) -> dict:
+        """GPTModel arguments that depend on the built config (e.g. the multi-token-prediction block)."""
+        return {}
+
+    def layer_spec(self, transformer_config, use_te: bool, vp_stage=None):
+        """The megatron-core ModuleSpec of one decoder layer (or the block's layer specs)."""
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_local_spec,
             get_gpt_layer_with_transformer_engine_spec,
@@ -73,8 +82,6 @@ class DecoderConfig:
 
     def transformer_config(self, parallel, train, use_te: bool, batch_p2p_comm: bool):
         """The megatron-core TransformerConfig for this model under a parallel layout."""
-        from megatron.core.transformer.transformer_config import TransformerConfig
-
         bf16 = train.precision == "bf16" or (train.precision == "auto" and torch.cuda.is_available())
         dtype = torch.bfloat16 if bf16 else torch.float32
         recompute = {}
@@ -122,7 +129,7 @@ class DecoderConfig:
             **recompute,
         )
         fields.update(self.family_transformer_fields())
-        return TransformerConfig(**fields)
+        return self.transformer_config_class()(**fields)
 
     def build(self, transformer_config, use_te: bool, pre_process: bool, post_process: bool, vp_stage=None):
         """One model chunk (a pipeline stage, or a virtual stage of one)."""
@@ -134,9 +141,11 @@ class DecoderConfig:
             share_embeddings_and_output_weights=self.tie_word_embeddings,
         )
         kwargs.update(self.family_model_kwargs())
+        spec = self.layer_spec(transformer_config, use_te, vp_stage)
+        kwargs.update(self.extra_model_kwargs(transformer_config, spec, use_te, vp_stage))
         return GPTModel(
             config=transformer_config,
-            transformer_layer_spec=self.layer_spec(transformer_config, use_te),
+            transformer_layer_spec=spec,
             vocab_size=self.padded_vocab_size(),
             max_sequence_length=self.max_position_embeddings,
             pre_process=pre_process,

@@ -10,6 +10,9 @@ FAMILIES = {
     "mistral": "megatron_mm.models.mistral",
     "qwen3": "megatron_mm.models.qwen3",
     "gemma3": "megatron_mm.models.gemma3",
+    "qwen3_moe": "megatron_mm.models.qwen3_moe",
+    "mixtral": "megatron_mm.models.mixtral",
+    "deepseek_v3": "megatron_mm.models.deepseek",
 }
 
 
