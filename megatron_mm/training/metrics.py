@@ -63,7 +63,7 @@ class TrainingLogger:
         self._window_tokens = 0
 
     def train_step(self, iteration: int, loss: Optional[float], lr: float, grad_norm: Optional[float],
-                   tokens: int, log_now: bool, total_iters: int) -> None:
+                   tokens: int, log_now: bool, total_iters: int, expert_load: Optional[dict] = None) -> None:
         self._window_tokens += tokens
         if not self.enabled:
             return
@@ -80,12 +80,25 @@ class TrainingLogger:
         if self.peak_tflops:
             scalars["mfu"] = tflops / self.peak_tflops
             line += f" | MFU {100 * scalars['mfu']:.1f}%"
+        if expert_load is not None:
+            line += f" | expert load max/mean {expert_load['mean_max_over_mean']:.2f}"
         print(line, flush=True)
         if self.writer is not None:
             for name, value in scalars.items():
                 if value is not None:
                     self.writer.add_scalar(f"train/{name}", value, iteration)
+            if expert_load is not None:
+                self._write_expert_load(iteration, expert_load)
         self.restart_window()
+
+    def _write_expert_load(self, iteration: int, load: dict) -> None:
+        """Per MoE layer (of this pipeline stage): imbalance, tokens per expert, expert bias."""
+        for layer, ratio in load["max_over_mean"].items():
+            self.writer.add_scalar(f"moe/{layer}/max_over_mean", ratio, iteration)
+            self.writer.add_histogram(f"moe/{layer}/tokens_per_expert", load["tokens_per_expert"][layer], iteration)
+            bias = load["expert_bias"][layer]
+            self.writer.add_scalar(f"moe/{layer}/expert_bias_min", bias.min().item(), iteration)
+            self.writer.add_scalar(f"moe/{layer}/expert_bias_max", bias.max().item(), iteration)
 
     def validation(self, iteration: int, loss: float) -> None:
         if not self.enabled:

@@ -23,6 +23,8 @@ def main() -> int:
                         help="bypass the gloo PP=2 batched-p2p guard (shows the trap it prevents)")
     parser.add_argument("--kill-during-save", type=int, metavar="ITER",
                         help="SIGKILL this process once checkpoint ITER is written but not yet published")
+    parser.add_argument("--skew-expert-bias", type=float, metavar="B",
+                        help="start every router's expert bias at +B for experts 0 and 1 (a skewed router)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.force_batch_p2p:
@@ -46,12 +48,16 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     rank = torch.distributed.get_rank()
+    if args.skew_expert_bias:
+        for _, router in trainer.expert_load.routers:
+            router.expert_bias[:2] += args.skew_expert_bias
     if args.save_init:
         pretrain.save(trainer)
     else:
         losses = pretrain.train(trainer)
         if rank == torch.distributed.get_world_size() - 1:
             (out / "losses.json").write_text(json.dumps(losses))
+            (out / "expert_load.json").write_text(json.dumps(trainer.expert_load.imbalance_history))
         weights = {}
         for i, chunk in enumerate(trainer.model):
             for name, tensor in chunk.state_dict().items():
