@@ -41,6 +41,8 @@ def test_resume_same_layout_is_bit_exact(straight, first_half):
     resumed, uninterrupted = read_losses(first_half), read_losses(straight)
     assert sorted(resumed) == list(range(6, 11))
     assert_close(uninterrupted, resumed, range(6, 11), rel_tol=0.0)
+    curve = json.loads((first_half / "loss_history.json").read_text())["train_loss"]
+    assert [step for step, _ in curve] == list(range(1, 11)), "the resumed run's curve lost its first half"
     for rank in range(2):
         a, b = read_weights(straight, rank), read_weights(first_half, rank)
         assert a.keys() == b.keys()
