@@ -60,3 +60,14 @@ def test_gloo_pp2_batched_p2p_trap_is_guarded(tmp_path, init_checkpoint, single_
              "parallel.pp=2", "parallel.vpp=2", flags=["--force-batch-p2p"])
     with pytest.raises(AssertionError, match="vs single rank"):
         assert_same_losses(single_rank_losses, read_losses(tmp_path))
+
+
+def test_bf16_mixed_precision_tracks_fp32(tmp_path, init_checkpoint, single_rank_losses):
+    """The GPU precision path (bf16 weights and activations, fp32 main params and grads in the
+    optimizer, Float16Module) on TP2: within bf16's ~3 significant digits of the fp32 run."""
+    torchrun(2, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={init_checkpoint}", "parallel.tp=2",
+             "train.precision=bf16")
+    bf16 = read_losses(tmp_path)
+    for step, loss in single_rank_losses.items():
+        assert abs(bf16[step] - loss) / loss < 2e-2, (step, bf16[step], loss)
+    assert bf16 != single_rank_losses  # it really ran in bf16
