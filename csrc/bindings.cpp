@@ -1,8 +1,12 @@
 // Python bindings of the csrc kernels as the extension module megatron_mm._C.
 #include <torch/extension.h>
 
+#include <cstring>
+
+#include "expert_bias.h"
 #include "load_balance.h"
-#include "moe_permute.h"
+#include "moe_dispatch.h"
+#include "router.h"
 
 #ifdef MEGATRON_MM_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -71,7 +75,7 @@ torch::Tensor expert_histogram(const torch::Tensor& indices, int64_t num_experts
 }
 
 
-// ---- MoE permute / unpermute (kernel contracts in moe_permute.h) ----
+// ---- MoE permute / unpermute (kernel contracts in moe_dispatch.h) ----
 
 FloatType float_type_of(const torch::Tensor& tensor, const char* op) {
   const torch::ScalarType type = tensor.scalar_type();
@@ -373,6 +377,191 @@ torch::Tensor moe_gather_rows(const torch::Tensor& src, const torch::Tensor& ind
   return gather_rows(src.contiguous(), flat_index).view(out_shape);
 }
 
+// ---- aux-loss-free expert-bias update (kernel contract in expert_bias.h) ----
+
+// In place, for every layer: biases[l] += rate * sign(mean(counts[l]) - counts[l]).
+// biases: contiguous fp32 [E_l]; counts: [E_l] of any integer or float dtype (integers are
+// read as int64, float16/bfloat16 as float32), all on one device. One kernel call.
+void update_expert_bias(const std::vector<torch::Tensor>& biases,
+                        const std::vector<torch::Tensor>& counts, double rate) {
+  constexpr const char* op = "update_expert_bias_";
+  TORCH_CHECK_VALUE(biases.size() == counts.size(), op, ": got ", biases.size(),
+                    " biases but ", counts.size(), " tokens_per_expert tensors");
+  if (biases.empty()) return;
+  const torch::Device device = biases[0].device();
+  check_device(biases[0], op);
+  std::vector<torch::Tensor> kept_counts;  // owns converted counts until the kernel is done
+  std::vector<ExpertBiasLayer> layers;
+  for (size_t l = 0; l < biases.size(); ++l) {
+    const torch::Tensor& bias = biases[l];
+    TORCH_CHECK_TYPE(bias.scalar_type() == torch::kFloat32, op, ": biases[", l,
+                     "] must be float32, got ", bias.scalar_type());
+    TORCH_CHECK_VALUE(bias.dim() == 1 && bias.numel() > 0 && bias.is_contiguous(), op,
+                      ": biases[", l, "] must be a contiguous non-empty [num_experts] tensor");
+    TORCH_CHECK_VALUE(counts[l].sizes() == bias.sizes(), op, ": tokens_per_expert[", l,
+                      "] must have shape ", bias.sizes(), ", got ", counts[l].sizes());
+    TORCH_CHECK(bias.device() == device && counts[l].device() == device, op,
+                ": all tensors must be on ", device);
+    TORCH_CHECK_TYPE(!counts[l].is_complex(), op, ": tokens_per_expert must be real");
+    const torch::ScalarType type = counts[l].scalar_type();
+    const CountType count_type = type == torch::kFloat64       ? CountType::kFloat64
+                                 : counts[l].is_floating_point() ? CountType::kFloat32
+                                                                 : CountType::kInt64;
+    const torch::ScalarType read_type = count_type == CountType::kFloat64   ? torch::kFloat64
+                                        : count_type == CountType::kFloat32 ? torch::kFloat32
+                                                                            : torch::kInt64;
+    kept_counts.push_back(counts[l].to(read_type).contiguous());
+    layers.push_back({bias.data_ptr<float>(), kept_counts.back().data_ptr(), bias.numel(),
+                      count_type});
+  }
+  if (device.is_cuda()) {
+#ifdef MEGATRON_MM_WITH_CUDA
+    const c10::cuda::CUDAGuard device_guard(device);
+    const int64_t table_bytes = static_cast<int64_t>(layers.size() * sizeof(ExpertBiasLayer));
+    torch::Tensor host_table = torch::empty({table_bytes}, torch::kUInt8).pin_memory();
+    std::memcpy(host_table.data_ptr(), layers.data(), table_bytes);
+    const torch::Tensor table = host_table.to(device, /*non_blocking=*/true);
+    check_cuda(update_expert_bias_cuda(static_cast<const ExpertBiasLayer*>(table.data_ptr()),
+                                       static_cast<int64_t>(layers.size()), rate,
+                                       c10::cuda::getCurrentCUDAStream()),
+               op);
+    // Converted counts are freed through the caching allocator on this stream: safe.
+#endif
+  } else {
+    update_expert_bias_cpu(layers.data(), static_cast<int64_t>(layers.size()), rate);
+  }
+}
+
+// ---- fused MoE router (kernel contract in router.h) ----
+
+RouterConfig router_config(const torch::Tensor& logits, int64_t topk,
+                           const std::string& score_function, bool pre_softmax,
+                           c10::optional<int64_t> num_groups, c10::optional<int64_t> group_topk,
+                           c10::optional<double> scaling_factor) {
+  constexpr const char* op = "route";
+  TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be [tokens, experts], got shape ",
+                    logits.sizes());
+  const torch::ScalarType type = logits.scalar_type();
+  TORCH_CHECK_TYPE(type == torch::kFloat32 || type == torch::kBFloat16 || type == torch::kFloat64,
+                   op, ": logits must be float32, bfloat16 or float64, got ", type);
+  TORCH_CHECK_VALUE(score_function == "softmax" || score_function == "sigmoid", op,
+                    ": score_function must be 'softmax' or 'sigmoid', got '", score_function, "'");
+  check_device(logits, op);
+  const int64_t num_experts = logits.size(1);
+  TORCH_CHECK_VALUE(topk >= 1 && topk <= num_experts && topk <= kRouterMaxTopK, op,
+                    ": topk must be in [1, min(num_experts=", num_experts, ", ", kRouterMaxTopK,
+                    ")], got ", topk);
+  const int64_t groups_kept = group_topk.value_or(0);
+  if (groups_kept > 0) {
+    const int64_t groups = num_groups.value_or(0);
+    TORCH_CHECK_VALUE(groups > 0 && num_experts % groups == 0, op, ": num_groups must divide ",
+                      "num_experts=", num_experts, ", got ", groups);
+    TORCH_CHECK_VALUE(groups_kept <= groups && groups_kept <= topk &&
+                          topk <= groups_kept * (num_experts / groups),
+                      op, ": need group_topk <= num_groups, group_topk <= topk and topk <= ",
+                      "group_topk * experts per group; got group_topk=", groups_kept,
+                      ", num_groups=", groups, ", topk=", topk);
+  }
+  // megatron-core scales only when scaling_factor is truthy.
+  const double scale = scaling_factor && *scaling_factor != 0.0 ? *scaling_factor : 1.0;
+  return {logits.size(0), num_experts, topk,
+          score_function == "softmax" ? RouterScore::kSoftmax : RouterScore::kSigmoid,
+          pre_softmax, num_groups.value_or(0), groups_kept, scale};
+}
+
+torch::ScalarType router_accum_type(const torch::Tensor& logits) {
+  return logits.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+}
+
+// Runs `fn(typed logits pointer, Accum{})` for float32, bfloat16 and float64 logits.
+template <typename Fn>
+auto with_logits(const torch::Tensor& logits, Fn fn) {
+  switch (logits.scalar_type()) {
+    case torch::kFloat64: return fn(logits.data_ptr<double>(), double{});
+    case torch::kBFloat16:
+      return fn(reinterpret_cast<const BFloat16Bits*>(logits.data_ptr<at::BFloat16>()), float{});
+    default: return fn(logits.data_ptr<float>(), float{});
+  }
+}
+
+// Top-k routing of logits [T, E]: (probs [T, K] float32 (float64 for float64 logits),
+// indices [T, K] int64 by descending selection score, tokens_per_expert [E] int64).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> router_forward(
+    const torch::Tensor& logits, int64_t topk, const std::string& score_function,
+    const c10::optional<torch::Tensor>& expert_bias, c10::optional<int64_t> num_groups,
+    c10::optional<int64_t> group_topk, c10::optional<double> scaling_factor, bool pre_softmax) {
+  constexpr const char* op = "route";
+  const RouterConfig config = router_config(logits, topk, score_function, pre_softmax,
+                                            num_groups, group_topk, scaling_factor);
+  const torch::ScalarType accum = router_accum_type(logits);
+  torch::Tensor bias;
+  if (expert_bias) {
+    TORCH_CHECK_VALUE(config.score == RouterScore::kSigmoid, op,
+                      ": expert_bias needs score_function='sigmoid' (as in megatron-core)");
+    TORCH_CHECK_VALUE(expert_bias->dim() == 1 && expert_bias->size(0) == config.num_experts, op,
+                      ": expert_bias must be [num_experts=", config.num_experts, "], got shape ",
+                      expert_bias->sizes());
+    TORCH_CHECK(expert_bias->device() == logits.device(), op,
+                ": expert_bias and logits are on different devices");
+    bias = expert_bias->to(accum).contiguous();
+  }
+  const torch::Tensor scores = logits.contiguous();
+  torch::Tensor probs = torch::empty({config.num_tokens, topk}, scores.options().dtype(accum));
+  torch::Tensor indices = torch::empty({config.num_tokens, topk}, scores.options().dtype(torch::kInt64));
+  torch::Tensor counts = torch::empty({config.num_experts}, indices.options());
+  with_logits(scores, [&](const auto* z, auto accum_zero) {
+    using Accum = decltype(accum_zero);
+    const Accum* bias_ptr = bias.defined() ? bias.data_ptr<Accum>() : nullptr;
+    if (scores.is_cuda()) {
+#ifdef MEGATRON_MM_WITH_CUDA
+      const c10::cuda::CUDAGuard device_guard(scores.device());
+      check_cuda(router_forward_cuda(z, bias_ptr, config, probs.data_ptr<Accum>(),
+                                     indices.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
+                                     c10::cuda::getCurrentCUDAStream()),
+                 op);
+#endif
+    } else {
+      router_forward_cpu(z, bias_ptr, config, probs.data_ptr<Accum>(), indices.data_ptr<int64_t>(),
+                         counts.data_ptr<int64_t>());
+    }
+  });
+  return {probs, indices, counts};
+}
+
+// d probs / d logits: grad_logits [T, E] in the dtype of logits from grad_probs [T, K] for
+// the `indices` router_forward returned for these logits and options.
+torch::Tensor router_backward(const torch::Tensor& grad_probs, const torch::Tensor& logits,
+                              const torch::Tensor& indices, const std::string& score_function,
+                              c10::optional<double> scaling_factor, bool pre_softmax) {
+  constexpr const char* op = "route_backward";
+  const RouterConfig config = router_config(logits, indices.size(1), score_function, pre_softmax,
+                                            c10::nullopt, c10::nullopt, scaling_factor);
+  TORCH_CHECK_VALUE(indices.sizes() == grad_probs.sizes() && indices.size(0) == config.num_tokens,
+                    op, ": grad_probs and indices must be [tokens=", config.num_tokens,
+                    ", topk], got ", grad_probs.sizes(), " and ", indices.sizes());
+  const torch::ScalarType accum = router_accum_type(logits);
+  const torch::Tensor scores = logits.contiguous();
+  const torch::Tensor grad = grad_probs.to(accum).contiguous();
+  const torch::Tensor chosen = indices.contiguous();
+  torch::Tensor grad_logits = torch::empty(scores.sizes(), scores.options().dtype(accum));
+  with_logits(scores, [&](const auto* z, auto accum_zero) {
+    using Accum = decltype(accum_zero);
+    if (scores.is_cuda()) {
+#ifdef MEGATRON_MM_WITH_CUDA
+      const c10::cuda::CUDAGuard device_guard(scores.device());
+      check_cuda(router_backward_cuda(z, chosen.data_ptr<int64_t>(), grad.data_ptr<Accum>(), config,
+                                      grad_logits.data_ptr<Accum>(),
+                                      c10::cuda::getCurrentCUDAStream()),
+                 op);
+#endif
+    } else {
+      router_backward_cpu(z, chosen.data_ptr<int64_t>(), grad.data_ptr<Accum>(), config,
+                          grad_logits.data_ptr<Accum>());
+    }
+  });
+  return grad_logits.to(logits.scalar_type());
+}
+
 }  // namespace
 }  // namespace megatron_mm
 
@@ -398,4 +587,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         no_gil, "Gradients of moe_unpermute: (grad_permuted, grad_probs or None).");
   m.def("moe_gather_rows", &megatron_mm::moe_gather_rows, py::arg("src"), py::arg("index"),
         no_gil, "src[index] along dim 0 with zero rows where index == -1.");
+  m.def("update_expert_bias_", &megatron_mm::update_expert_bias, py::arg("biases"),
+        py::arg("tokens_per_expert"), py::arg("rate"), no_gil,
+        "In place for every layer: bias += rate * sign(mean(tokens) - tokens).");
+  m.def("router_forward", &megatron_mm::router_forward, py::arg("logits"), py::arg("topk"),
+        py::arg("score_function"), py::arg("expert_bias") = py::none(),
+        py::arg("num_groups") = py::none(), py::arg("group_topk") = py::none(),
+        py::arg("scaling_factor") = py::none(), py::arg("pre_softmax") = false, no_gil,
+        "Fused top-k routing: (probs [T, K], indices [T, K] int64, tokens_per_expert [E]).");
+  m.def("router_backward", &megatron_mm::router_backward, py::arg("grad_probs"),
+        py::arg("logits"), py::arg("indices"), py::arg("score_function"),
+        py::arg("scaling_factor") = py::none(), py::arg("pre_softmax") = false, no_gil,
+        "Gradient of router_forward's probs with respect to the logits.");
 }

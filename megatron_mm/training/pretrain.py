@@ -9,7 +9,6 @@ dist_checkpointing); this file wires it together with our config, data and model
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import sys
 from dataclasses import dataclass

@@ -1,9 +1,9 @@
-// CUDA implementation of MoE permute / unpermute (contracts in moe_permute.h).
+// CUDA implementation of MoE permute / unpermute (contracts in moe_dispatch.h).
 //
 // Row order comes from CUB's stable radix sort: slots t*K+k are sorted by expert, and since
 // slot ids ascend with the token, equal experts keep token order. Unpermute sorts rows by
 // token the same way, so each token sums its rows in ascending row order without atomics.
-#include "moe_permute.h"
+#include "moe_dispatch.h"
 
 #include <algorithm>
 #include <type_traits>

@@ -1,5 +1,5 @@
-// OpenMP CPU implementation of MoE permute / unpermute (contracts in moe_permute.h).
-#include "moe_permute.h"
+// OpenMP CPU implementation of MoE permute / unpermute (contracts in moe_dispatch.h).
+#include "moe_dispatch.h"
 
 #include <algorithm>
 #include <cstring>
