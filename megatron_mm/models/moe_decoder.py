@@ -24,6 +24,7 @@ class MoEDecoderConfig(DecoderConfig):
     router_topk_scaling_factor: Optional[float] = None  # routed scaling factor on the top-k weights
     expert_bias: bool = False  # auxiliary-loss-free balancing: bias for selection only
     expert_bias_update_rate: float = 1.0e-3
+    expert_bias_update: str = "fused_kernel"  # fused_kernel (one csrc call for all layers) | megatron
     aux_loss_type: str = "aux_loss"  # aux_loss | seq_aux_loss | none
     aux_loss_coeff: float = 0.0
     shared_expert_ffn_hidden_size: Optional[int] = None  # None = no shared expert
@@ -83,6 +84,8 @@ class MoEDecoderConfig(DecoderConfig):
             problems.append("MoE with parallel.tp > 1 needs parallel.sequence_parallel=true (megatron-core)")
         if self.token_permute not in ("megatron", "fused_kernel"):
             problems.append(f"model.token_permute={self.token_permute!r} is not one of megatron, fused_kernel")
+        if self.expert_bias_update not in ("fused_kernel", "megatron"):
+            problems.append(f"model.expert_bias_update={self.expert_bias_update!r} is not one of fused_kernel, megatron")
         if self.token_permute == "fused_kernel" and self.token_dispatcher != "alltoall":
             problems.append("model.token_permute=fused_kernel needs model.token_dispatcher=alltoall")
         if not 0 < self.router_topk <= self.num_experts:

@@ -22,7 +22,7 @@ from megatron_mm.checkpoint.dist_ckpt import (
     save_checkpoint,
 )
 from megatron_mm.config import Config, ConfigError, load_config
-from megatron_mm.moe.load_stats import ExpertLoadMonitor
+from megatron_mm.moe.balancing import ExpertBalancing
 from megatron_mm.training.data import MicroBatches, build_datasets
 from megatron_mm.training.metrics import TrainingLogger, cuda_peak_tflops, flops_per_token
 
@@ -40,7 +40,7 @@ class Trainer:
     valid_data: object
     dp_rank: int
     dp_size: int
-    expert_load: ExpertLoadMonitor
+    expert_balancing: ExpertBalancing
     iteration: int = 0
 
     @property
@@ -94,7 +94,7 @@ def setup(cfg: Config) -> Trainer:
     valid_samples = t.eval_iters * t.global_batch_size if t.eval_interval else 0
     train_ds, valid_ds, _ = build_datasets(cfg, tokenizer, (t.train_iters * t.global_batch_size, valid_samples, 0))
     trainer = Trainer(cfg, model, optimizer, scheduler, tconfig, train_ds, valid_ds, dp_rank, dp_size,
-                      ExpertLoadMonitor(model))
+                      ExpertBalancing(model, tconfig, getattr(cfg.model, "expert_bias_update", None) == "fused_kernel"))
     _load_initial_state(trainer)
     _wire_schedule_hooks(trainer)
     return trainer
@@ -211,7 +211,7 @@ def _load_initial_state(trainer: Trainer) -> None:
 def _wire_schedule_hooks(trainer: Trainer) -> None:
     """The callbacks megatron-core's schedules take from the TransformerConfig."""
     config, model = trainer.transformer_config, trainer.model
-    config.finalize_model_grads_func = trainer.expert_load.finalize_model_grads
+    config.finalize_model_grads_func = trainer.expert_balancing.finalize_model_grads
     config.grad_scale_func = trainer.optimizer.scale_loss
     config.no_sync_func = [chunk.no_sync for chunk in model]
     if len(model) == 1:
@@ -337,7 +337,7 @@ def train(trainer: Trainer) -> dict:
         logger.train_step(
             trainer.iteration, loss, lr, grad_norm,
             tokens=t.global_batch_size * cfg.data.seq_length,
-            expert_load=trainer.expert_load.latest(),
+            expert_load=trainer.expert_balancing.latest(),
             log_now=trainer.iteration % t.log_interval == 0 or trainer.iteration == stop_at,
             total_iters=t.train_iters,
         )

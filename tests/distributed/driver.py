@@ -49,7 +49,7 @@ def main() -> int:
         return 2
     rank = torch.distributed.get_rank()
     if args.skew_expert_bias:
-        for _, router in trainer.expert_load.routers:
+        for _, router in trainer.expert_balancing.routers:
             router.expert_bias[:2] += args.skew_expert_bias
     if args.save_init:
         pretrain.save(trainer)
@@ -57,7 +57,7 @@ def main() -> int:
         losses = pretrain.train(trainer)
         if rank == torch.distributed.get_world_size() - 1:
             (out / "losses.json").write_text(json.dumps(losses))
-            (out / "expert_load.json").write_text(json.dumps(trainer.expert_load.imbalance_history))
+            (out / "expert_load.json").write_text(json.dumps(trainer.expert_balancing.imbalance_history))
         weights = {}
         for i, chunk in enumerate(trainer.model):
             for name, tensor in chunk.state_dict().items():
