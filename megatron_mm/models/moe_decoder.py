@@ -35,6 +35,8 @@ class MoEDecoderConfig(DecoderConfig):
     # local permute/unpermute around the all-to-all: megatron-core's torch ops, or our fused csrc
     # kernels (megatron_mm.moe.dispatcher; alltoall dispatcher, dropless)
     token_permute: str = "megatron"  # megatron | fused_kernel
+    # router scores + selection: megatron-core's torch ops, or our fused csrc kernel (megatron_mm.moe.router)
+    router_scoring: str = "megatron"  # megatron | fused_kernel
 
     def family_transformer_fields(self) -> dict:
         dense_then_moe = [0] * self.first_k_dense + [1] * (self.num_layers - self.first_k_dense)
@@ -66,14 +68,19 @@ class MoEDecoderConfig(DecoderConfig):
         spec = get_gpt_decoder_block_spec(
             transformer_config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
         )
-        if self.token_permute == "fused_kernel":
-            from megatron.core.transformer.moe.moe_layer import MoELayer
+        from megatron.core.transformer.moe.moe_layer import MoELayer
 
-            from megatron_mm.moe.dispatcher import FusedPermuteMoELayer
+        for layer in spec.layer_specs:
+            if layer.submodules.mlp.module is not MoELayer:
+                continue
+            if self.router_scoring == "fused_kernel":
+                from megatron_mm.moe.router import FusedTopKRouter
 
-            for layer in spec.layer_specs:
-                if layer.submodules.mlp.module is MoELayer:
-                    layer.submodules.mlp.module = FusedPermuteMoELayer
+                layer.submodules.mlp.submodules.router = FusedTopKRouter
+            if self.token_permute == "fused_kernel":
+                from megatron_mm.moe.dispatcher import FusedPermuteMoELayer
+
+                layer.submodules.mlp.module = FusedPermuteMoELayer
         return spec
 
     def validate(self, parallel) -> list[str]:
@@ -82,10 +89,9 @@ class MoEDecoderConfig(DecoderConfig):
             problems.append(f"model.num_experts={self.num_experts} is not divisible by parallel.ep={parallel.ep}")
         if parallel.tp > 1 and not parallel.sequence_parallel:
             problems.append("MoE with parallel.tp > 1 needs parallel.sequence_parallel=true (megatron-core)")
-        if self.token_permute not in ("megatron", "fused_kernel"):
-            problems.append(f"model.token_permute={self.token_permute!r} is not one of megatron, fused_kernel")
-        if self.expert_bias_update not in ("fused_kernel", "megatron"):
-            problems.append(f"model.expert_bias_update={self.expert_bias_update!r} is not one of fused_kernel, megatron")
+        for name in ("token_permute", "router_scoring", "expert_bias_update"):
+            if getattr(self, name) not in ("megatron", "fused_kernel"):
+                problems.append(f"model.{name}={getattr(self, name)!r} is not one of megatron, fused_kernel")
         if self.token_permute == "fused_kernel" and self.token_dispatcher != "alltoall":
             problems.append("model.token_permute=fused_kernel needs model.token_dispatcher=alltoall")
         if not 0 < self.router_topk <= self.num_experts:

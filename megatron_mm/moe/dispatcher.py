@@ -8,13 +8,12 @@ megatron-core's `permute`. Drop-and-pad and quantization padding keep megatron-c
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from megatron.core.transformer.moe import token_dispatcher as megatron_dispatch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+from megatron_mm.moe.module_override import module_function
 from megatron_mm.ops import moe_permute
 
 
@@ -36,13 +35,13 @@ class FusedPermuteAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         if not self._fused():
             return super().dispatch_preprocess(hidden_states, routing_map, probs)
-        with _module_function(megatron_dispatch, "permute", self._permute):
+        with module_function(megatron_dispatch, "permute", self._permute):
             return super().dispatch_preprocess(hidden_states, routing_map, probs)
 
     def combine_postprocess(self, permutated_local_input_tokens):
         if not self._fused():
             return super().combine_postprocess(permutated_local_input_tokens)
-        with _module_function(megatron_dispatch, "unpermute", self._unpermute):
+        with module_function(megatron_dispatch, "unpermute", self._unpermute):
             return super().combine_postprocess(permutated_local_input_tokens)
 
     def _permute(self, tokens, routing_map, probs=None, num_out_tokens=None, fused=False, drop_and_pad=False):
@@ -66,15 +65,3 @@ class FusedPermuteMoELayer(MoELayer):
             # The subclass adds no state: re-typing the built dispatcher keeps megatron-core's
             # construction (process groups, capacity, shared-expert overlap) as it is.
             self.token_dispatcher.__class__ = FusedPermuteAlltoAllDispatcher
-
-
-@contextlib.contextmanager
-def _module_function(module, name: str, replacement):
-    """megatron-core's dispatcher calls module-level permute/unpermute: point that name at ours
-    for the duration of one call."""
-    original = getattr(module, name)
-    setattr(module, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)

@@ -15,6 +15,7 @@ from test_parallel_equivalence import assert_same_losses
 
 CONFIGS = {"deepseek_v3": HERE / "tiny_deepseek.yaml", "qwen3_moe": HERE / "tiny_qwen3_moe.yaml"}
 SP_TP2 = ["parallel.tp=2", "parallel.sequence_parallel=true"]
+FUSED_MOE = ["model.token_permute=fused_kernel", "model.router_scoring=fused_kernel"]
 LAYOUTS = {
     ("deepseek_v3", "ep2"): (2, ["parallel.ep=2"]),
     ("deepseek_v3", "ep2_allgather"): (2, ["parallel.ep=2", "model.token_dispatcher=allgather"]),
@@ -22,9 +23,10 @@ LAYOUTS = {
     ("deepseek_v3", "ep2_pp2"): (4, ["parallel.ep=2", "parallel.pp=2"]),
     ("qwen3_moe", "ep2"): (2, ["parallel.ep=2"]),
     ("qwen3_moe", "ep2_tp2_sp"): (4, ["parallel.ep=2", *SP_TP2]),
-    # our csrc permute/unpermute kernels inside megatron-core's all-to-all dispatcher
+    # our csrc kernels in megatron-core's router (scoring + selection) and all-to-all dispatcher
     ("deepseek_v3", "ep2_fused_permute"): (2, ["parallel.ep=2", "model.token_permute=fused_kernel"]),
-    ("qwen3_moe", "ep2_tp2_sp_fused_permute"): (4, ["parallel.ep=2", *SP_TP2, "model.token_permute=fused_kernel"]),
+    ("deepseek_v3", "ep2_fused_router_and_permute"): (2, ["parallel.ep=2", *FUSED_MOE]),
+    ("qwen3_moe", "ep2_tp2_sp_fused_router_and_permute"): (4, ["parallel.ep=2", *SP_TP2, *FUSED_MOE]),
 }
 
 
