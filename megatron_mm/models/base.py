@@ -37,6 +37,10 @@ class DecoderConfig:
         """TransformerConfig fields that make this family (norm, activation, QK-norm, windows)."""
         return {}
 
+    def backend_transformer_fields(self, use_te: bool) -> dict:
+        """TransformerConfig fields that depend on whether Transformer Engine is in use."""
+        return {}
+
     def family_model_kwargs(self) -> dict:
         """GPTModel keyword arguments that make this family (rotary scaling, ...)."""
         return {}
@@ -129,6 +133,7 @@ class DecoderConfig:
             **recompute,
         )
         fields.update(self.family_transformer_fields())
+        fields.update(self.backend_transformer_fields(use_te))
         return self.transformer_config_class()(**fields)
 
     def build(self, transformer_config, use_te: bool, pre_process: bool, post_process: bool, vp_stage=None):

@@ -62,6 +62,10 @@ class MoEDecoderConfig(DecoderConfig):
             "moe_token_dispatcher_type": self.token_dispatcher,
         }
 
+    def backend_transformer_fields(self, use_te: bool) -> dict:
+        # TE's grouped GEMM runs all local experts in one kernel; without TE, sequential experts.
+        return {"moe_grouped_gemm": use_te}
+
     def layer_spec(self, transformer_config, use_te: bool, vp_stage=None):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 

@@ -82,6 +82,8 @@ class TrainingLogger:
             line += f" | MFU {100 * scalars['mfu']:.1f}%"
         if expert_load is not None:
             line += f" | expert load max/mean {expert_load['mean_max_over_mean']:.2f}"
+            if expert_load["dropped"] is not None:
+                line += f" | dropped {sum(expert_load['dropped'].values()):,.0f}"
         print(line, flush=True)
         if self.writer is not None:
             for name, value in scalars.items():
@@ -96,9 +98,12 @@ class TrainingLogger:
         for layer, ratio in load["max_over_mean"].items():
             self.writer.add_scalar(f"moe/{layer}/max_over_mean", ratio, iteration)
             self.writer.add_histogram(f"moe/{layer}/tokens_per_expert", load["tokens_per_expert"][layer], iteration)
-            bias = load["expert_bias"][layer]
-            self.writer.add_scalar(f"moe/{layer}/expert_bias_min", bias.min().item(), iteration)
-            self.writer.add_scalar(f"moe/{layer}/expert_bias_max", bias.max().item(), iteration)
+            if layer in load["expert_bias"]:
+                bias = load["expert_bias"][layer]
+                self.writer.add_scalar(f"moe/{layer}/expert_bias_min", bias.min().item(), iteration)
+                self.writer.add_scalar(f"moe/{layer}/expert_bias_max", bias.max().item(), iteration)
+            if load["dropped"] is not None:
+                self.writer.add_scalar(f"moe/{layer}/dropped_tokens", load["dropped"][layer], iteration)
 
     def validation(self, iteration: int, loss: float) -> None:
         if not self.enabled:

@@ -49,7 +49,7 @@ def main() -> int:
         return 2
     rank = torch.distributed.get_rank()
     if args.skew_expert_bias:
-        for _, router in trainer.expert_balancing.routers:
+        for router in trainer.expert_balancing.biased:
             router.expert_bias[:2] += args.skew_expert_bias
     if args.save_init:
         pretrain.save(trainer)

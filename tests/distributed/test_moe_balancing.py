@@ -43,3 +43,16 @@ def test_fused_bias_update_equals_megatron_core(tmp_path):
         assert biases and any(fused[rank][name].abs().sum() > 0 for name in biases)
         for name in biases:
             assert torch.equal(fused[rank][name], megatron[rank][name]), name
+
+
+def test_capacity_factor_drops_and_reports_tokens(tmp_path):
+    """Token dropping at capacity factor 1 with the router skewed onto two experts: those experts
+    keep one expert's share each, the rest is dropped, and the drop count is what is missing."""
+    out = tmp_path / "capacity"
+    result = torchrun(1, out, f"train.output_dir={out}", "train.train_iters=2", *SKEWED[1:],
+                      "model.expert_bias_update_rate=0.0", "model.capacity_factor=1.0",
+                      config=HERE / "tiny_deepseek.yaml", flags=["--skew-expert-bias", "0.3"])
+    # 8 sequences x 32 tokens, top-2 of 8 experts: 512 routed, capacity 64 per expert; the two
+    # favoured experts keep 64 each in each of the 3 MoE layers and the MTP layer.
+    dropped_lines = [line for line in result.stdout.splitlines() if "| dropped " in line]
+    assert dropped_lines and all(line.endswith("| dropped 1,536") for line in dropped_lines), dropped_lines
