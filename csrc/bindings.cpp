@@ -1,7 +1,12 @@
 // Python bindings of the csrc kernels as the extension module megatron_mm._C.
 #include <torch/extension.h>
 
+#include <cstdint>
 #include <cstring>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "expert_bias.h"
 #include "load_balance.h"
@@ -113,12 +118,29 @@ void check_device(const torch::Tensor& tensor, const char* op) {
               tensor.device());
 }
 
+// An uninitialised tensor for a kernel to fill. Large CPU ones ask for transparent huge pages
+// before anything touches them: the kernels only move rows, so faulting in fresh 4 KiB pages
+// otherwise dominates them. Best effort: if madvise fails the pages are ordinary.
+torch::Tensor empty_output(at::IntArrayRef sizes, const torch::TensorOptions& options) {
+  torch::Tensor out = torch::empty(sizes, options);
+#ifdef __linux__
+  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+  if (out.device().is_cpu() && out.nbytes() >= 2 * kHugePage) {
+    const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+    const uintptr_t last = (begin + out.nbytes()) & ~(kHugePage - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
 // out[i] = src[index[i]] over the leading dimension, zero where index[i] == -1; index is
 // trusted (built by moe_permute or checked by the caller).
 torch::Tensor gather_rows(const torch::Tensor& src, const torch::Tensor& index) {
   std::vector<int64_t> out_shape = src.sizes().vec();
   out_shape[0] = index.numel();
-  torch::Tensor out = torch::empty(out_shape, src.options());
+  torch::Tensor out = empty_output(out_shape, src.options());
   // From the trailing sizes, not nbytes / rows: src may have no rows but out still does.
   int64_t row_bytes = src.element_size();
   for (int64_t d = 1; d < src.dim(); ++d) row_bytes *= src.size(d);
@@ -281,7 +303,7 @@ torch::Tensor moe_unpermute(const torch::Tensor& permuted, const torch::Tensor& 
   if (probs) weights = probs->to(accum_type_of(rows)).contiguous();
   const void* weights_ptr = weights ? weights->data_ptr() : nullptr;
   const int64_t hidden = rows.size(1);
-  torch::Tensor out = torch::empty({num_tokens, hidden}, rows.options());
+  torch::Tensor out = empty_output({num_tokens, hidden}, rows.options());
 
   if (rows.is_cuda()) {
 #ifdef MEGATRON_MM_WITH_CUDA
@@ -328,7 +350,7 @@ std::tuple<torch::Tensor, c10::optional<torch::Tensor>> moe_unpermute_backward(
 
   const int64_t hidden = grad.size(1);
   const torch::Tensor weights = probs->to(accum_type_of(grad)).contiguous();
-  torch::Tensor grad_permuted = torch::empty({map.numel(), hidden}, grad.options());
+  torch::Tensor grad_permuted = empty_output({map.numel(), hidden}, grad.options());
   torch::Tensor rows;
   c10::optional<torch::Tensor> grad_probs;
   if (permuted) {

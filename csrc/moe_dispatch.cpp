@@ -116,21 +116,58 @@ void build_permute_map(const Index* topk, int64_t num_tokens, int64_t top_k, int
   }
 }
 
-template <typename Scalar, typename Accum>
-inline Accum load(const Scalar* data, int64_t i) {
-  return static_cast<Accum>(data[i]);
-}
+// Element access for the row loops. Storage is what a row holds: bfloat16 is handled as raw
+// bits with plain integer operations (exactly c10's conversions) so that the loops vectorise;
+// c10::BFloat16's own operators are per element and do not. float and double rows are their
+// own accumulator type.
+template <typename Scalar>
+struct Element {
+  using Storage = Scalar;
+  static Scalar load(Scalar x) { return x; }
+  static Scalar store(Scalar x) { return x; }
+};
+
+template <>
+struct Element<c10::Half> {
+  using Storage = c10::Half;
+  static float load(c10::Half x) { return static_cast<float>(x); }
+  static c10::Half store(float x) { return static_cast<c10::Half>(x); }
+};
+
+template <>
+struct Element<c10::BFloat16> {
+  using Storage = uint16_t;
+  static float load(uint16_t bits) {
+    const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+    float value;
+    std::memcpy(&value, &wide, sizeof(value));
+    return value;
+  }
+  // Round to nearest even; NaN becomes the canonical 0x7FC0 (c10::BFloat16 semantics).
+  static uint16_t store(float value) {
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    return (bits & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+  }
+};
 
 template <typename Scalar, typename Accum>
-void unpermute(const Scalar* permuted, int64_t hidden, const int64_t* row_start,
-               const int64_t* token_rows, const Accum* probs, int64_t num_tokens, Scalar* out) {
+void unpermute(const Scalar* permuted_data, int64_t hidden, const int64_t* row_start,
+               const int64_t* token_rows, const Accum* probs, int64_t num_tokens,
+               Scalar* out_data) {
+  using E = Element<Scalar>;
+  using Storage = typename E::Storage;
+  const auto* permuted = reinterpret_cast<const Storage*>(permuted_data);
+  auto* out = reinterpret_cast<Storage*>(out_data);
   const int64_t row_bytes = hidden * static_cast<int64_t>(sizeof(Scalar));
 #pragma omp parallel num_threads(threads_for(num_tokens * row_bytes, kMinBytesPerThread))
   {
-    std::vector<Accum> sum(hidden);
+    std::vector<Accum> sum_buffer(hidden);
+    Accum* sum = sum_buffer.data();
 #pragma omp for schedule(static)
     for (int64_t token = 0; token < num_tokens; ++token) {
-      Scalar* out_row = out + token * hidden;
+      Storage* out_row = out + token * hidden;
       const int64_t begin = row_start[token];
       const int64_t end = row_start[token + 1];
       if (begin == end) {
@@ -140,47 +177,59 @@ void unpermute(const Scalar* permuted, int64_t hidden, const int64_t* row_start,
       // The first row initialises the sum, saving a pass that zeroes it.
       for (int64_t r = begin; r < end; ++r) {
         const int64_t row = token_rows[r];
-        const Scalar* in = permuted + row * hidden;
+        const Storage* in = permuted + row * hidden;
         const Accum weight = probs ? probs[row] : Accum(1);
         if (r == begin) {
-          for (int64_t j = 0; j < hidden; ++j) sum[j] = weight * load<Scalar, Accum>(in, j);
+          for (int64_t j = 0; j < hidden; ++j) sum[j] = weight * E::load(in[j]);
         } else {
-          for (int64_t j = 0; j < hidden; ++j) sum[j] += weight * load<Scalar, Accum>(in, j);
+          for (int64_t j = 0; j < hidden; ++j) sum[j] += weight * E::load(in[j]);
         }
       }
-      for (int64_t j = 0; j < hidden; ++j) out_row[j] = static_cast<Scalar>(sum[j]);
+      for (int64_t j = 0; j < hidden; ++j) out_row[j] = E::store(sum[j]);
     }
   }
 }
 
+// One pass over each row: the scaled gradient and the probability's dot product share the
+// read of grad_out.
 template <typename Scalar, typename Accum>
-void unpermute_backward(const Scalar* grad_out, const Scalar* permuted, int64_t hidden,
+void unpermute_backward(const Scalar* grad_out_data, const Scalar* permuted_data, int64_t hidden,
                         const int64_t* row_map, int64_t num_rows, const Accum* probs,
-                        Scalar* grad_permuted, Accum* grad_probs) {
+                        Scalar* grad_permuted_data, Accum* grad_probs) {
+  using E = Element<Scalar>;
+  using Storage = typename E::Storage;
+  const auto* grad_out = reinterpret_cast<const Storage*>(grad_out_data);
+  const auto* permuted = reinterpret_cast<const Storage*>(permuted_data);
+  auto* grad_permuted = reinterpret_cast<Storage*>(grad_permuted_data);
   const int64_t row_bytes = hidden * static_cast<int64_t>(sizeof(Scalar));
 #pragma omp parallel for schedule(static) \
     num_threads(threads_for(num_rows * row_bytes, kMinBytesPerThread))
   for (int64_t row = 0; row < num_rows; ++row) {
-    Scalar* grad_row = grad_permuted + row * hidden;
+    Storage* grad_row = grad_permuted + row * hidden;
     const int64_t token = row_map[row];
     if (token < 0) {
       std::memset(grad_row, 0, row_bytes);
       if (grad_probs) grad_probs[row] = 0;
       continue;
     }
-    const Scalar* grad_out_row = grad_out + token * hidden;
+    const Storage* grad_out_row = grad_out + token * hidden;
     const Accum weight = probs ? probs[row] : Accum(1);
-    for (int64_t j = 0; j < hidden; ++j) {
-      grad_row[j] = static_cast<Scalar>(weight * load<Scalar, Accum>(grad_out_row, j));
-    }
-    if (grad_probs) {
-      const Scalar* in = permuted + row * hidden;
-      Accum dot = 0;
+    if (!grad_probs) {
       for (int64_t j = 0; j < hidden; ++j) {
-        dot += load<Scalar, Accum>(in, j) * load<Scalar, Accum>(grad_out_row, j);
+        grad_row[j] = E::store(weight * E::load(grad_out_row[j]));
       }
-      grad_probs[row] = dot;
+      continue;
     }
+    const Storage* in = permuted + row * hidden;
+    Accum dot = 0;
+    // simd reduction: the sum is split over vector lanes, a fixed order for a given build.
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < hidden; ++j) {
+      const Accum grad = E::load(grad_out_row[j]);
+      grad_row[j] = E::store(weight * grad);
+      dot += E::load(in[j]) * grad;
+    }
+    grad_probs[row] = dot;
   }
 }
 
