@@ -68,12 +68,11 @@ class MoEDecoderConfig(DecoderConfig):
 
     def layer_spec(self, transformer_config, use_te: bool, vp_stage=None):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+        from megatron.core.transformer.moe.moe_layer import MoELayer
 
         spec = get_gpt_decoder_block_spec(
             transformer_config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
         )
-        from megatron.core.transformer.moe.moe_layer import MoELayer
-
         for layer in spec.layer_specs:
             if layer.submodules.mlp.module is not MoELayer:
                 continue

@@ -93,8 +93,9 @@ def setup(cfg: Config) -> Trainer:
     t = cfg.train
     valid_samples = t.eval_iters * t.global_batch_size if t.eval_interval else 0
     train_ds, valid_ds, _ = build_datasets(cfg, tokenizer, (t.train_iters * t.global_batch_size, valid_samples, 0))
-    trainer = Trainer(cfg, model, optimizer, scheduler, tconfig, train_ds, valid_ds, dp_rank, dp_size,
-                      ExpertBalancing(model, tconfig, getattr(cfg.model, "expert_bias_update", None) == "fused_kernel"))
+    fused_bias_update = getattr(cfg.model, "expert_bias_update", None) == "fused_kernel"  # MoE families only
+    balancing = ExpertBalancing(model, tconfig, fused_update=fused_bias_update)
+    trainer = Trainer(cfg, model, optimizer, scheduler, tconfig, train_ds, valid_ds, dp_rank, dp_size, balancing)
     _load_initial_state(trainer)
     _wire_schedule_hooks(trainer)
     return trainer

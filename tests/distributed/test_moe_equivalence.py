@@ -23,6 +23,7 @@ LAYOUTS = {
     ("deepseek_v3", "ep2_pp2"): (4, ["parallel.ep=2", "parallel.pp=2"]),
     ("qwen3_moe", "ep2"): (2, ["parallel.ep=2"]),
     ("qwen3_moe", "ep2_tp2_sp"): (4, ["parallel.ep=2", *SP_TP2]),
+    ("qwen3_moe", "ep2_pp2"): (4, ["parallel.ep=2", "parallel.pp=2"]),
     # our csrc kernels in megatron-core's router (scoring + selection) and all-to-all dispatcher
     ("deepseek_v3", "ep2_fused_permute"): (2, ["parallel.ep=2", "model.token_permute=fused_kernel"]),
     ("deepseek_v3", "ep2_fused_router_and_permute"): (2, ["parallel.ep=2", *FUSED_MOE]),
