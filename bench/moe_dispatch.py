@@ -15,10 +15,11 @@ torch copy:
 
 import argparse
 import itertools
-import time
 
 import torch
 from megatron.core.transformer.moe import moe_utils
+
+from timing import best_seconds
 
 from megatron_mm.ops import moe_permute as ops
 
@@ -26,16 +27,6 @@ TOP_K = 8
 FULL_GRID = dict(tokens=(4096, 16384, 32768), hidden=(1024, 4096), experts=(64, 256))
 QUICK_GRID = dict(tokens=(4096, 16384), hidden=(1024, 4096), experts=(64, 256))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def best_seconds(fn, repeats):
-    fn()  # warm-up: allocator, thread pool
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def copy_bandwidth(repeats, gib=1.0):

@@ -10,10 +10,11 @@ in the same run. Both backward passes see the same upstream gradient per (token,
 
 import argparse
 import itertools
-import time
 
 import torch
 from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+from timing import best_seconds
 
 from megatron_mm.ops import router as ops
 
@@ -22,16 +23,6 @@ NUM_GROUPS = 8
 GROUP_TOPK = 4
 SCALING_FACTOR = 2.5
 GRID = dict(tokens=(4096, 16384), experts=(64, 256))
-
-
-def best_seconds(fn, repeats):
-    fn()  # warm-up: allocator, thread pool
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def ours_step(logits, bias, grad_dense):
