@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py pyproject.toml
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)  # kernel sources rebuild megatron_mm._C
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0 setuptools wheel pybind11 && $(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $@
