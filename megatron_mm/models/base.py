@@ -11,8 +11,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-VOCAB_PAD_MULTIPLE = 128  # independent of TP, so every layout builds the same embedding shape
-
 
 @dataclass
 class DecoderConfig:
@@ -24,6 +22,9 @@ class DecoderConfig:
     num_query_groups: Optional[int] = None  # GQA groups; None = multi-head attention
     head_dim: Optional[int] = None  # None = hidden_size / num_attention_heads
     vocab_size: Optional[int] = None  # None = the tokenizer's vocabulary
+    # Embedding rows are padded to a multiple of this, independent of TP so every layout builds the
+    # same shape. Imported HuggingFace models use 1: padded rows would join the softmax.
+    vocab_pad_multiple: int = 128
     max_position_embeddings: int = 4096
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
@@ -82,7 +83,7 @@ class DecoderConfig:
     def padded_vocab_size(self) -> int:
         if self.vocab_size is None:
             raise ValueError("model.vocab_size is unset and no tokenizer supplied one")
-        return int(math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE)
+        return int(math.ceil(self.vocab_size / self.vocab_pad_multiple) * self.vocab_pad_multiple)
 
     def transformer_config(self, parallel, train, use_te: bool, batch_p2p_comm: bool):
         """The megatron-core TransformerConfig for this model under a parallel layout."""

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_mm.checkpoint import hf_rules
 from megatron_mm.models.base import DecoderConfig
+
+# megatron-core's Llama 3 scaling has these fixed; a config with others cannot be represented.
+LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 @dataclass
@@ -20,6 +24,35 @@ class LlamaConfig(DecoderConfig):
         if self.rope_scaling_factor is None:
             return {}
         return {"rope_scaling": True, "rope_scaling_factor": self.rope_scaling_factor}
+
+    # ---- HuggingFace mapping ------------------------------------------------------------------
+    HF_ARCHITECTURES = ("LlamaForCausalLM",)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "LlamaConfig":
+        problems: list[str] = []
+        hf_rules.check_dense_decoder(hf, problems)
+        theta, scaling = hf_rules.rope_settings(hf)
+        factor = None
+        if scaling is not None:
+            if scaling.get("rope_type") != "llama3":
+                problems.append(f"rope scaling {scaling.get('rope_type')!r} (only llama3 is supported)")
+            for key, value in LLAMA3_ROPE_FIXED.items():
+                if scaling.get(key) != value:
+                    problems.append(f"rope {key}={scaling.get(key)!r} (megatron-core fixes it at {value})")
+            factor = scaling.get("factor")
+        hf_rules.unsupported("LlamaForCausalLM", problems)
+        return cls(**hf_rules.decoder_fields_from_hf(hf), rotary_base=theta, rope_scaling_factor=factor)
+
+    def to_hf_config(self) -> dict:
+        scaling = None
+        if self.rope_scaling_factor is not None:
+            scaling = {"rope_type": "llama3", "factor": self.rope_scaling_factor, **LLAMA3_ROPE_FIXED}
+        return {**hf_rules.decoder_fields_to_hf(self, "LlamaForCausalLM", "llama"),
+                "rope_parameters": hf_rules.rope_parameters(self.rotary_base, scaling)}
+
+    def hf_rules(self) -> list:
+        return hf_rules.dense_decoder_rules(self, qk_norm=False)
 
 
 CONFIG_CLASS = LlamaConfig

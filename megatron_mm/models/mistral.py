@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_mm.checkpoint import hf_rules
 from megatron_mm.models.base import DecoderConfig
 
 
@@ -20,6 +21,27 @@ class MistralConfig(DecoderConfig):
             return {}
         # megatron-core's window is (left, right) in tokens beside the query itself.
         return {"window_size": (self.sliding_window - 1, 0)}
+
+    # ---- HuggingFace mapping ------------------------------------------------------------------
+    HF_ARCHITECTURES = ("MistralForCausalLM",)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "MistralConfig":
+        problems: list[str] = []
+        hf_rules.check_dense_decoder(hf, problems)
+        theta, scaling = hf_rules.rope_settings(hf)
+        if scaling is not None:
+            problems.append(f"rope scaling {scaling.get('rope_type')!r}")
+        hf_rules.unsupported("MistralForCausalLM", problems)
+        # transformers' window counts the query itself, as ours does
+        return cls(**hf_rules.decoder_fields_from_hf(hf), rotary_base=theta, sliding_window=hf.get("sliding_window"))
+
+    def to_hf_config(self) -> dict:
+        return {**hf_rules.decoder_fields_to_hf(self, "MistralForCausalLM", "mistral"),
+                "rope_parameters": hf_rules.rope_parameters(self.rotary_base), "sliding_window": self.sliding_window}
+
+    def hf_rules(self) -> list:
+        return hf_rules.dense_decoder_rules(self, qk_norm=False)
 
 
 CONFIG_CLASS = MistralConfig

@@ -29,3 +29,22 @@ def family_module(name: str):
 def family_config_class(name: str):
     """The family's config dataclass (a DecoderConfig subclass)."""
     return family_module(name).CONFIG_CLASS
+
+
+def family_for_hf_architecture(hf_config: dict):
+    """The family config class that maps a HuggingFace config's `architectures` entry."""
+    from megatron_mm.checkpoint.hf_rules import HFConversionError
+
+    supported = {}
+    for name in FAMILIES:
+        config_class = family_config_class(name)
+        for architecture in getattr(config_class, "HF_ARCHITECTURES", ()):
+            supported[architecture] = config_class
+    architectures = hf_config.get("architectures") or []
+    for architecture in architectures:
+        if architecture in supported:
+            return supported[architecture]
+    raise HFConversionError(
+        f"unsupported architecture {architectures or hf_config.get('model_type')!r} "
+        f"(supported: {', '.join(sorted(supported))})"
+    )

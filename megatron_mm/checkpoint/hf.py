@@ -1,0 +1,275 @@
+"""HuggingFace <-> dist-checkpoint conversion, driven by each family's mapping (models/<family>.py:
+HF_ARCHITECTURES, from_hf_config, to_hf_config, hf_rules). Nothing here knows a family.
+
+A converted checkpoint is layout-free: dist_checkpointing reshards on load, so the same directory
+loads at any TP/PP/EP. It holds the weights, `config.yaml` (our run config, with the layout asked
+for), `train_state.json` (iteration 0) and `hf/` (the original config.json, generation config and
+tokenizer files, which export-hf writes back). Start training from it with `train.init_from=DIR`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_mm.checkpoint.hf_rules import HFConversionError, Rule
+from megatron_mm.checkpoint.streaming import (
+    PlannedTensor,
+    SafetensorsReader,
+    SafetensorsWriter,
+    checkpoint_tensor_dtypes,
+    load_model_tensor,
+    save_model_streaming,
+)
+
+HF_SUBDIR = "hf"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Buffers some checkpoints carry that are recomputed from the config, not weights.
+DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise HFConversionError(f"{hf_dir}: no config.json")
+    return json.loads(path.read_text())
+
+
+def family_config_from_hf(hf_config: dict):
+    from megatron_mm.models.registry import family_for_hf_architecture
+
+    return family_for_hf_architecture(hf_config).from_hf_config(hf_config)
+
+
+@contextlib.contextmanager
+def single_rank():
+    """A world of one with megatron-core's groups at TP1/PP1/EP1: conversion runs in one process."""
+    from megatron_mm.runtime import destroy_distributed, init_distributed, set_seed
+
+    if torch.distributed.is_initialized():
+        raise RuntimeError("checkpoint conversion runs as a single process, not under torchrun")
+    init_distributed()
+    set_seed(0)
+    try:
+        yield
+    finally:
+        destroy_distributed()
+
+
+def meta_state_dict(model_cfg) -> dict:
+    """The sharded state dict of a one-rank model built on the meta device (no memory for weights):
+    our parameter names -> megatron-core ShardedTensor / factory / object entries."""
+    from megatron.core import parallel_state
+
+    from megatron_mm.config import ParallelConfig, TrainConfig
+    from megatron_mm.runtime import transformer_engine_available
+
+    use_te = transformer_engine_available()
+    tconfig = model_cfg.transformer_config(ParallelConfig(), TrainConfig(precision="fp32"), use_te=use_te,
+                                           batch_p2p_comm=True)
+    tconfig.perform_initialization = False
+    with torch.device("meta"):
+        model = model_cfg.build(tconfig, use_te, pre_process=True, post_process=True)
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return model.sharded_state_dict(metadata={"dp_cp_group": group})
+
+
+def tensor_entries(sharded_state_dict: dict) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return {name: entry for name, entry in sharded_state_dict.items() if not isinstance(entry, ShardedObject)}
+
+
+def checked_rules(model_cfg, entries: dict) -> list[Rule]:
+    """The family's rules, checked to cover every one of our tensors exactly once."""
+    rules = model_cfg.hf_rules()
+    ours = [rule.ours for rule in rules]
+    unmapped = sorted(set(entries) - set(ours))
+    unknown = sorted(set(ours) - set(entries))
+    repeated = sorted({name for name in ours if ours.count(name) > 1})
+    problems = []
+    if unmapped:
+        problems.append(f"no HuggingFace mapping for {_names(unmapped)}")
+    if unknown:
+        problems.append(f"mapping names tensors the model does not have: {_names(unknown)}")
+    if repeated:
+        problems.append(f"mapped more than once: {_names(repeated)}")
+    if problems:
+        raise HFConversionError(f"{model_cfg.family} mapping: " + "; ".join(problems))
+    return rules
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _progress(total: int, description: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="tensor", dynamic_ncols=True)
+
+
+# ---- import ---------------------------------------------------------------------------------------
+def import_hf(hf_dir: str | Path, output: str | Path, tp: int = 1, pp: int = 1, ep: int = 1) -> Path:
+    """HuggingFace directory -> our dist-checkpoint at `output`. Returns `output`."""
+    from megatron_mm.checkpoint.dist_ckpt import TRAIN_STATE_FILE, TrainState
+
+    hf_dir, output = Path(hf_dir), Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise HFConversionError(f"{output} exists and is not empty")
+    hf_config = read_hf_config(hf_dir)
+    model_cfg = family_config_from_hf(hf_config)
+    cfg = _run_config(model_cfg, hf_dir, tp, pp, ep)
+    source = SafetensorsReader(hf_dir)
+
+    staging = output.with_name(output.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    with single_rank():
+        sharded = meta_state_dict(model_cfg)
+        entries = tensor_entries(sharded)
+        rules = {rule.ours: rule for rule in checked_rules(model_cfg, entries)}
+        _check_hf_tensors(source, rules.values())
+        bar = _progress(len(rules), f"import {model_cfg.family}")
+        done = set()
+
+        def materialize(name: str) -> torch.Tensor:
+            rule = rules[name]
+            tensor = rule.to_ours(source.get(rule.hf))
+            expected = tuple(entries[name].data.shape)
+            if tuple(tensor.shape) != expected:
+                raise HFConversionError(
+                    f"{', '.join(rule.hf)} give shape {tuple(tensor.shape)} for {name}, the config implies {expected}")
+            if name not in done:
+                done.add(name)
+                bar.update(1)
+            return tensor
+
+        save_model_streaming(sharded, staging, materialize)
+        bar.close()
+
+    cfg.save(staging / "config.yaml")
+    (staging / TRAIN_STATE_FILE).write_text(json.dumps(dataclasses.asdict(TrainState(0, 0, {}))))
+    _copy_side_files(hf_dir, staging / HF_SUBDIR)
+    if output.exists():
+        output.rmdir()
+    staging.rename(output)
+    return output
+
+
+def _check_hf_tensors(source: SafetensorsReader, rules) -> None:
+    needed = {name for rule in rules for name in rule.hf}
+    present = source.names()
+    missing = sorted(needed - present)
+    extra = sorted(name for name in present - needed if not name.endswith(DERIVED_SUFFIXES))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_names(missing)}")
+    if extra:
+        problems.append(f"tensors the mapping does not use (refusing to drop them): {_names(extra)}")
+    if problems:
+        raise HFConversionError(f"{source.directory}: " + "; ".join(problems))
+
+
+def _run_config(model_cfg, hf_dir: Path, tp: int, pp: int, ep: int):
+    """Our run config for the imported model at the asked layout, checked for that layout."""
+    from megatron_mm.config import Config, ConfigError, DataConfig, ParallelConfig
+    from megatron_mm.runtime import transformer_engine_available, validate_layout
+
+    moe = hasattr(model_cfg, "num_experts")
+    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, sequence_parallel=moe and tp > 1)
+    data = DataConfig(tokenizer_type="huggingface", seq_length=min(4096, model_cfg.max_position_embeddings))
+    cfg = Config(model=model_cfg, parallel=parallel, data=data)
+    world = pp * math.lcm(tp, ep)
+    check = dataclasses.replace(cfg, data=dataclasses.replace(data, mock=True),
+                                train=dataclasses.replace(cfg.train, global_batch_size=world // (tp * pp)))
+    try:
+        validate_layout(check, world, transformer_engine_available())
+    except ConfigError as err:
+        raise HFConversionError(f"layout tp={tp} pp={pp} ep={ep}: {err}") from None
+    return cfg
+
+
+def _copy_side_files(source: Path, target: Path) -> None:
+    """config.json, generation config, tokenizer files: everything but the weights."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name not in WEIGHT_INDEXES:
+            shutil.copy2(path, target / path.name)
+
+
+# ---- export ---------------------------------------------------------------------------------------
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run's output directory (its latest checkpoint)."""
+    from megatron_mm.checkpoint.dist_ckpt import TRAIN_STATE_FILE, find_latest_checkpoint
+
+    path = Path(path)
+    if (path / TRAIN_STATE_FILE).is_file():
+        return path
+    latest = find_latest_checkpoint(path)
+    if latest is None:
+        raise HFConversionError(f"{path}: not a checkpoint, and no checkpoint under {path / 'checkpoints'}")
+    return latest
+
+
+def export_hf(checkpoint: str | Path, output: str | Path, dtype: Optional[torch.dtype] = None,
+              max_shard_bytes: int = 5 << 30) -> Path:
+    """Our dist-checkpoint (any layout) -> HuggingFace safetensors shards + config + tokenizer files."""
+    from megatron_mm.config import load_config
+
+    checkpoint, output = resolve_checkpoint(checkpoint), Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise HFConversionError(f"{output} exists and is not empty")
+    model_cfg = load_config(checkpoint / "config.yaml").model
+    saved_dir = checkpoint / HF_SUBDIR
+    hf_config = json.loads((saved_dir / "config.json").read_text()) if (saved_dir / "config.json").is_file() else {}
+    hf_config.update(model_cfg.to_hf_config())
+
+    staging = output.with_name(output.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    with single_rank():
+        entries = tensor_entries(meta_state_dict(model_cfg))
+        rules = checked_rules(model_cfg, entries)
+        stored = checkpoint_tensor_dtypes(checkpoint)
+        out_dtype = dtype or _config_dtype(hf_config) or stored[entries[rules[0].ours].key]
+        plan = [PlannedTensor(name, out_dtype, tuple(tensor.shape))
+                for rule in rules for name, tensor in zip(rule.hf, rule.to_hf(entries[rule.ours].data))]
+        writer = SafetensorsWriter(staging, plan, max_shard_bytes)
+        for rule in _progress_iter(rules, f"export {model_cfg.family}"):
+            entry = entries[rule.ours]
+            ours = load_model_tensor(checkpoint, rule.ours, entry, stored[entry.key])
+            for name, tensor in zip(rule.hf, rule.to_hf(ours)):
+                writer.write(name, tensor.to(out_dtype))
+        writer.close()
+
+    if saved_dir.is_dir():
+        _copy_side_files(saved_dir, staging)
+    hf_config["dtype"] = str(out_dtype).removeprefix("torch.")
+    (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if output.exists():
+        output.rmdir()
+    staging.rename(output)
+    return output
+
+
+def _progress_iter(items: list, description: str):
+    bar = _progress(len(items), description)
+    for item in items:
+        yield item
+        bar.update(1)
+    bar.close()
+
+
+def _config_dtype(hf_config: dict) -> Optional[torch.dtype]:
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    dtype = getattr(torch, str(name), None) if name else None
+    return dtype if isinstance(dtype, torch.dtype) else None
