@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -56,12 +57,18 @@ def single_rank():
 
     if torch.distributed.is_initialized():
         raise RuntimeError("checkpoint conversion runs as a single process, not under torchrun")
+    saved_env = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
     init_distributed()
     set_seed(0)
     try:
         yield
     finally:
         destroy_distributed()
+        for key, value in saved_env.items():  # later launches must not inherit our private port
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def meta_state_dict(model_cfg) -> dict:

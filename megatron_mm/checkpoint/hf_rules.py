@@ -197,3 +197,27 @@ def dense_decoder_rules(cfg, qk_norm: bool) -> list[Rule]:
         rules += attention_rules(cfg, layer, qk_norm)
         rules += gated_mlp_rules(f"decoder.layers.{layer}.mlp", f"model.layers.{layer}.mlp")
     return rules
+
+
+def moe_rules(cfg, ours: str, hf: str, router: str = "gate", experts: str = "experts",
+              expert_weights: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> list[Rule]:
+    """A routed-expert MLP: our `{ours}.router` and `{ours}.experts.local_experts.{e}` from HuggingFace
+    `{hf}.{router}` and `{hf}.{experts}.{e}.{gate,up,down}` (the hub's per-expert layout)."""
+    rules = [same(f"{ours}.router.weight", f"{hf}.{router}.weight")]
+    for expert in range(cfg.num_experts):
+        rules += gated_mlp_rules(f"{ours}.experts.local_experts.{expert}", f"{hf}.{experts}.{expert}", *expert_weights)
+    return rules
+
+
+def moe_fields_from_hf(hf: dict, problems: list[str]) -> dict:
+    """Routing fields shared by softmax top-k MoE configs (Mixtral, Qwen3-MoE)."""
+    fields = dict(
+        num_experts=hf.get("num_local_experts") or hf.get("num_experts"),
+        router_topk=hf["num_experts_per_tok"],
+        router_score_function="softmax",
+        aux_loss_type="aux_loss",
+        aux_loss_coeff=hf.get("router_aux_loss_coef", 0.0),
+    )
+    if hf.get("router_jitter_noise"):
+        problems.append(f"router_jitter_noise={hf['router_jitter_noise']}")
+    return fields
