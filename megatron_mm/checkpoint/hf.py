@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from megatron_mm.checkpoint.hf_parity import parity_world_size
 from megatron_mm.checkpoint.hf_rules import HFConversionError, Rule
 from megatron_mm.checkpoint.streaming import (
     PlannedTensor,
@@ -195,7 +195,7 @@ def _run_config(model_cfg, hf_dir: Path, tp: int, pp: int, ep: int):
     parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, sequence_parallel=moe and tp > 1)
     data = DataConfig(tokenizer_type="huggingface", seq_length=min(4096, model_cfg.max_position_embeddings))
     cfg = Config(model=model_cfg, parallel=parallel, data=data)
-    world = pp * math.lcm(tp, ep)
+    world = parity_world_size(tp, pp, ep)
     check = dataclasses.replace(cfg, data=dataclasses.replace(data, mock=True),
                                 train=dataclasses.replace(cfg.train, global_batch_size=world // (tp * pp)))
     try:

@@ -3,15 +3,15 @@ HF parity check (tools/check_hf_parity.py) and the conversion tests."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 
 def parity_world_size(tp: int, pp: int, ep: int) -> int:
-    """The smallest world that holds the layout (expert parallelism spans data-parallel ranks)."""
-    return pp * math.lcm(tp, ep)
+    """The smallest world that holds the layout: experts are split ep ways across data-parallel
+    ranks and, like the dense layers, tp ways within them."""
+    return pp * tp * ep
 
 
 def hf_model(hf_dir: str | Path):

@@ -221,3 +221,18 @@ def moe_fields_from_hf(hf: dict, problems: list[str]) -> dict:
     if hf.get("router_jitter_noise"):
         problems.append(f"router_jitter_noise={hf['router_jitter_noise']}")
     return fields
+
+
+def moe_decoder_rules(cfg, qk_norm: bool, hf_mlp: str = "mlp", router: str = "gate",
+                      expert_weights: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> list[Rule]:
+    """A Llama-style decoder whose first `cfg.first_k_dense` layers have a dense MLP and the rest
+    routed experts under `model.layers.{i}.{hf_mlp}`."""
+    rules = embedding_rules(cfg)
+    for layer in range(cfg.num_layers):
+        rules += attention_rules(cfg, layer, qk_norm)
+        ours, hf = f"decoder.layers.{layer}.mlp", f"model.layers.{layer}.{hf_mlp}"
+        if layer < cfg.first_k_dense:
+            rules += gated_mlp_rules(ours, hf)
+        else:
+            rules += moe_rules(cfg, ours, hf, router=router, expert_weights=expert_weights)
+    return rules

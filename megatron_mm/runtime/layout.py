@@ -24,8 +24,10 @@ def validate_layout(cfg: Config, world_size: int, have_te: bool) -> None:
             f"world size {world_size} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {model_parallel}"
         )
     dp = world_size // model_parallel
-    if (world_size // p.pp) % p.ep:
-        raise ConfigError(f"parallel.ep={p.ep} does not divide the {world_size // p.pp} ranks of a pipeline stage")
+    # Experts are tensor-parallel like the dense layers (megatron-core's default expert TP = tp).
+    if (world_size // p.pp) % (p.ep * p.tp):
+        raise ConfigError(
+            f"ep*tp = {p.ep}*{p.tp} does not divide the {world_size // p.pp} ranks of a pipeline stage")
     if m.num_attention_heads % p.tp:
         raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}")
     if m.query_groups % p.tp:
