@@ -68,9 +68,14 @@ def _optimizer_state(optimizer, model_state: dict, is_loading: bool) -> dict:
 
 
 def save_checkpoint(
-    output_dir: str | Path, state: TrainState, model, optimizer, scheduler, config_dict: dict
+    output_dir: str | Path, state: TrainState, model, optimizer, scheduler, config_dict: dict,
+    hf_files: Optional[Path] = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    `hf_files`: the `hf/` directory of an imported HuggingFace model (config, tokenizer), carried
+    into every checkpoint so that export-hf can write them back.
+    """
     from megatron.core import dist_checkpointing
     import yaml
 
@@ -94,6 +99,8 @@ def save_checkpoint(
     torch.save(_rng_state(), rng_dir / f"rank_{_rank():05d}.pt")
     if _rank() == 0:
         (staging / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        if hf_files is not None and hf_files.is_dir():
+            shutil.copytree(hf_files, staging / hf_files.name)
         _write_synced(staging / TRAIN_STATE_FILE, json.dumps(dataclasses.asdict(state), indent=1))
     _barrier()
 

@@ -33,6 +33,7 @@ from megatron_mm.checkpoint.streaming import (
 HF_SUBDIR = "hf"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # Buffers some checkpoints carry that are recomputed from the config, not weights.
 DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -135,7 +136,9 @@ def import_hf(hf_dir: str | Path, output: str | Path, tp: int = 1, pp: int = 1, 
         raise HFConversionError(f"{output} exists and is not empty")
     hf_config = read_hf_config(hf_dir)
     model_cfg = family_config_from_hf(hf_config)
-    cfg = _run_config(model_cfg, hf_dir, tp, pp, ep)
+    cfg = _run_config(model_cfg, tp, pp, ep)
+    if any((hf_dir / name).is_file() for name in TOKENIZER_FILES):
+        cfg.data.tokenizer_model = str((output / HF_SUBDIR).resolve())
     source = SafetensorsReader(hf_dir)
 
     staging = output.with_name(output.name + ".tmp")
@@ -186,7 +189,7 @@ def _check_hf_tensors(source: SafetensorsReader, rules) -> None:
         raise HFConversionError(f"{source.directory}: " + "; ".join(problems))
 
 
-def _run_config(model_cfg, hf_dir: Path, tp: int, pp: int, ep: int):
+def _run_config(model_cfg, tp: int, pp: int, ep: int):
     """Our run config for the imported model at the asked layout, checked for that layout."""
     from megatron_mm.config import Config, ConfigError, DataConfig, ParallelConfig
     from megatron_mm.runtime import transformer_engine_available, validate_layout

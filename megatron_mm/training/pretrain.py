@@ -12,6 +12,7 @@ import argparse
 import functools
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -361,8 +362,9 @@ def train(trainer: Trainer) -> dict:
 def save(trainer: Trainer) -> None:
     t = trainer.cfg.train
     state = TrainState(trainer.iteration, trainer.iteration * t.global_batch_size, trainer.layout)
+    hf_files = Path(t.init_from) / "hf" if t.init_from else None  # from an import-hf checkpoint
     path = save_checkpoint(t.output_dir, state, trainer.model, trainer.optimizer, trainer.scheduler,
-                           trainer.cfg.to_dict())
+                           trainer.cfg.to_dict(), hf_files=hf_files)
     _print_rank0(f"saved checkpoint {path}")
 
 
