@@ -148,22 +148,29 @@ def import_hf(hf_dir: str | Path, output: str | Path, tp: int = 1, pp: int = 1, 
         entries = tensor_entries(sharded)
         rules = {rule.ours: rule for rule in checked_rules(model_cfg, entries)}
         _check_hf_tensors(source, rules.values())
+        _check_shapes(source, rules.values(), entries)
         bar = _progress(len(rules), f"import {model_cfg.family}")
-        done = set()
+        done, errors = set(), []
 
         def materialize(name: str) -> torch.Tensor:
             rule = rules[name]
-            tensor = rule.to_ours(source.get(rule.hf))
-            expected = tuple(entries[name].data.shape)
-            if tuple(tensor.shape) != expected:
-                raise HFConversionError(
-                    f"{', '.join(rule.hf)} give shape {tuple(tensor.shape)} for {name}, the config implies {expected}")
+            try:
+                tensor = rule.to_ours(source.get(rule.hf))
+            except HFConversionError as err:  # torch.distributed.checkpoint would wrap it
+                errors.append(err)
+                raise
             if name not in done:
                 done.add(name)
                 bar.update(1)
             return tensor
 
-        save_model_streaming(sharded, staging, materialize)
+        try:
+            save_model_streaming(sharded, staging, materialize)
+        except Exception:
+            shutil.rmtree(staging, ignore_errors=True)
+            if errors:
+                raise errors[0] from None
+            raise
         bar.close()
 
     cfg.save(staging / "config.yaml")
@@ -187,6 +194,19 @@ def _check_hf_tensors(source: SafetensorsReader, rules) -> None:
         problems.append(f"tensors the mapping does not use (refusing to drop them): {_names(extra)}")
     if problems:
         raise HFConversionError(f"{source.directory}: " + "; ".join(problems))
+
+
+def _check_shapes(source: SafetensorsReader, rules, entries: dict) -> None:
+    """Every rule applied to shape-only stand-ins, before a byte is written."""
+    for rule in rules:
+        try:
+            shape = tuple(rule.to_ours(source.meta(rule.hf)).shape)
+        except RuntimeError as err:  # e.g. q/k/v that cannot be grouped as the config says
+            raise HFConversionError(f"{', '.join(rule.hf)} do not fit {rule.ours}: {err}") from None
+        expected = tuple(entries[rule.ours].data.shape)
+        if shape != expected:
+            raise HFConversionError(
+                f"{', '.join(rule.hf)} give shape {shape} for {rule.ours}; the config implies {expected}")
 
 
 def _run_config(model_cfg, tp: int, pp: int, ep: int):

@@ -179,6 +179,18 @@ class SafetensorsReader:
     def names(self) -> set[str]:
         return set(self.file_of)
 
+    def meta(self, names: Iterable[str]) -> list[torch.Tensor]:
+        """Meta-device stand-ins (shape and dtype from the file headers, no data read)."""
+        from safetensors import safe_open
+
+        stand_ins = []
+        for name in names:
+            with safe_open(str(self.directory / self.file_of[name]), "pt") as handle:
+                piece = handle.get_slice(name)
+                dtype = {v: k for k, v in _SAFETENSORS_DTYPES.items()}[piece.get_dtype()]
+                stand_ins.append(torch.empty(piece.get_shape(), dtype=dtype, device="meta"))
+        return stand_ins
+
     def get(self, names: Iterable[str]) -> list[torch.Tensor]:
         from safetensors import safe_open
 

@@ -1,0 +1,91 @@
+"""What the converter refuses, and that it says what is wrong: unknown architectures, config fields
+the mapping cannot represent, missing / extra / mis-shaped tensors, bad layouts, occupied outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, hf_tensors, tiny_hf_model
+
+from megatron_mm.checkpoint.hf import import_hf
+from megatron_mm.checkpoint.hf_rules import HFConversionError
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    return tiny_hf_model(config, tmp_path_factory.mktemp("llama") / "hf")
+
+
+def _variant(source, target, edit_config=None, edit_tensors=None):
+    """A copy of a HuggingFace directory with its config and/or tensors edited."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(source, target)
+    if edit_config:
+        config = json.loads((target / "config.json").read_text())
+        edit_config(config)
+        (target / "config.json").write_text(json.dumps(config))
+    if edit_tensors:
+        tensors = hf_tensors(source)
+        edit_tensors(tensors)
+        save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def test_unknown_architecture_lists_supported(llama_dir, tmp_path):
+    hf_dir = _variant(llama_dir, tmp_path / "hf", edit_config=lambda c: c.update(architectures=["FooForCausalLM"]))
+    with pytest.raises(HFConversionError, match=r"FooForCausalLM.*supported: .*LlamaForCausalLM.*Qwen3ForCausalLM"):
+        import_hf(hf_dir, tmp_path / "out")
+
+
+def test_unrepresentable_fields_are_named(llama_dir, tmp_path):
+    def edit(config):
+        config.update(attention_bias=True, hidden_act="gelu")
+
+    hf_dir = _variant(llama_dir, tmp_path / "hf", edit_config=edit)
+    with pytest.raises(HFConversionError, match=r"hidden_act='gelu'.*attention_bias=True"):
+        import_hf(hf_dir, tmp_path / "out")
+
+
+def test_missing_and_extra_tensors_are_named(llama_dir, tmp_path):
+    def edit(tensors):
+        del tensors["model.layers.1.mlp.up_proj.weight"]
+        tensors["model.layers.1.mlp.extra_proj.weight"] = torch.zeros(2, 2)
+
+    hf_dir = _variant(llama_dir, tmp_path / "hf", edit_tensors=edit)
+    with pytest.raises(HFConversionError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight.*"
+                                                r"refusing to drop them\): model\.layers\.1\.mlp\.extra_proj\.weight"):
+        import_hf(hf_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_shape_mismatch_is_named(llama_dir, tmp_path):
+    hf_dir = _variant(llama_dir, tmp_path / "hf", edit_config=lambda c: c.update(intermediate_size=96))
+    with pytest.raises(HFConversionError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight.*shape \(128, 32\).*"
+                                                r"decoder\.layers\.0\.mlp\.linear_fc1\.weight.*\(192, 32\)"):
+        import_hf(hf_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_layout_the_model_cannot_take(llama_dir, tmp_path):
+    with pytest.raises(HFConversionError, match=r"layout tp=3.*num_attention_heads=4 is not divisible"):
+        import_hf(llama_dir, tmp_path / "out", tp=3)
+
+
+def test_tool_reports_errors_in_one_line(llama_dir, tmp_path):
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "file").write_text("x")
+    command = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "import-hf", "--hf-dir",
+               str(llama_dir), "--output", str(tmp_path / "occupied")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'occupied'} exists and is not empty"
