@@ -20,7 +20,7 @@ test: venv
 	$(PY) -m pytest tests -q
 
 bench: venv
-	$(PY) bench/preprocess.py && $(PY) bench/memory.py
+	$(PY) bench/preprocess.py && $(PY) bench/memory.py && $(PY) bench/convert_memory.py
 
 clean:
 	rm -rf build megatron_mm/_C*.so outputs data/quickstart

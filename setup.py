@@ -46,7 +46,7 @@ setup(
         "tensorboard",
         "pybind11",
         "safetensors",
-        "transformers",
+        "transformers>=5.0,<6",  # the HF conversion reads and writes transformers-5 configs
         "pyyaml",
         "tqdm",
         "matplotlib",
