@@ -51,6 +51,9 @@ def assert_round_trip(hf_dir: Path, checkpoint: Path, exported: Path) -> None:
         assert result[name].dtype == tensor.dtype, name
         assert torch.equal(result[name], tensor), name
     assert json.loads((exported / "config.json").read_text()) == json.loads((hf_dir / "config.json").read_text())
+    for side_file in hf_dir.iterdir():  # tokenizer and generation config come back unchanged
+        if side_file.suffix != ".safetensors" and side_file.name != "config.json":
+            assert (exported / side_file.name).read_bytes() == side_file.read_bytes(), side_file.name
 
 
 def check_parity(hf_dir: Path, checkpoint: Path, tp: int = 1, pp: int = 1, ep: int = 1) -> float:
@@ -75,6 +78,7 @@ def imported(tmp_path):
 
     def make(hf_config, **model_kwargs):
         hf_dir = tiny_hf_model(hf_config, tmp_path / "hf", **model_kwargs)
+        (hf_dir / "tokenizer_config.json").write_text('{"model_max_length": 256}\n')  # travels with the weights
         return hf_dir, import_hf(hf_dir, tmp_path / "checkpoint")
 
     return make

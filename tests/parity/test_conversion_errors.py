@@ -1,5 +1,6 @@
-"""What the converter refuses, and that it says what is wrong: unknown architectures, config fields
-the mapping cannot represent, missing / extra / mis-shaped tensors, bad layouts, occupied outputs."""
+"""The conversion tool's contract: the layout it records, and what it refuses, saying what is wrong:
+unknown architectures, config fields the mapping cannot represent, missing / extra / mis-shaped
+tensors, bad layouts, occupied outputs."""
 
 from __future__ import annotations
 
@@ -89,3 +90,18 @@ def test_tool_reports_errors_in_one_line(llama_dir, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'occupied'} exists and is not empty"
+
+
+def test_tool_records_the_layout_and_tokenizer(llama_dir, tmp_path):
+    from megatron_mm.config import load_config
+
+    hf_dir = _variant(llama_dir, tmp_path / "hf")
+    (hf_dir / "tokenizer.json").write_text("{}")
+    command = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "import-hf", "--hf-dir", str(hf_dir),
+               "--output", str(tmp_path / "ckpt"), "--tp", "2", "--pp", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = load_config(tmp_path / "ckpt" / "config.yaml")
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep) == (2, 2, 1)
+    assert cfg.data.tokenizer_model == str((tmp_path / "ckpt" / "hf").resolve())
+    assert (tmp_path / "ckpt" / "hf" / "tokenizer.json").read_text() == "{}"
