@@ -22,11 +22,10 @@ import torch
 from megatron_mm.checkpoint.hf_parity import parity_world_size
 from megatron_mm.checkpoint.hf_rules import HFConversionError, Rule
 from megatron_mm.checkpoint.streaming import (
+    CheckpointReader,
     PlannedTensor,
     SafetensorsReader,
     SafetensorsWriter,
-    checkpoint_tensor_dtypes,
-    load_model_tensor,
     save_model_streaming,
 )
 
@@ -269,14 +268,13 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: Optional[torch.
     with single_rank():
         entries = tensor_entries(meta_state_dict(model_cfg))
         rules = checked_rules(model_cfg, entries)
-        stored = checkpoint_tensor_dtypes(checkpoint)
-        out_dtype = dtype or _config_dtype(hf_config) or stored[entries[rules[0].ours].key]
+        reader = CheckpointReader(checkpoint)
+        out_dtype = dtype or _config_dtype(hf_config) or reader.dtypes[entries[rules[0].ours].key]
         plan = [PlannedTensor(name, out_dtype, tuple(tensor.shape))
                 for rule in rules for name, tensor in zip(rule.hf, rule.to_hf(entries[rule.ours].data))]
         writer = SafetensorsWriter(staging, plan, max_shard_bytes)
         for rule in _progress_iter(rules, f"export {model_cfg.family}"):
-            entry = entries[rule.ours]
-            ours = load_model_tensor(checkpoint, rule.ours, entry, stored[entry.key])
+            ours = reader.load(rule.ours, entries[rule.ours])
             for name, tensor in zip(rule.hf, rule.to_hf(ours)):
                 writer.write(name, tensor.to(out_dtype))
         writer.close()

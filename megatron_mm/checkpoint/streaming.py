@@ -4,7 +4,7 @@ largest tensor group, not for the model.
 - `save_model_streaming` writes a megatron-core dist-checkpoint (torch_dist format) from a model whose
   parameters live on the meta device: torch.distributed.checkpoint asks the planner for each chunk's
   data only when it writes that chunk, and our planner computes it then.
-- `load_model_tensor` reads one of our parameters (all its shards, merged) from any dist-checkpoint,
+- `CheckpointReader` reads one of our parameters (all its shards, merged) from any dist-checkpoint,
   whatever layout saved it.
 - `SafetensorsReader` / `SafetensorsWriter` read HuggingFace shards lazily and write them
   incrementally (every header is known before the first byte of data).
@@ -98,55 +98,64 @@ def save_model_streaming(sharded_state_dict: dict, directory: Path, materialize:
     save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), str(directory))
 
 
-def checkpoint_tensor_dtypes(directory: Path) -> dict[str, torch.dtype]:
-    """Sharded key -> stored dtype, from a dist-checkpoint's metadata."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+class CheckpointReader:
+    """Reads our parameters, one at a time, from a dist-checkpoint saved at any layout."""
 
-    metadata = FileSystemReader(str(directory)).read_metadata()
-    return {key: md.properties.dtype for key, md in metadata.state_dict_metadata.items()
-            if isinstance(md, TensorStorageMetadata)}
+    def __init__(self, directory: Path):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+        self.directory = Path(directory)
+        self.metadata = FileSystemReader(str(directory)).read_metadata()
+        metadata = self.metadata
 
-def load_model_tensor(directory: Path, name: str, entry, dtype: torch.dtype) -> torch.Tensor:
-    """Our parameter `name` (its one-rank, meta-device state-dict entry) read from a dist-checkpoint.
+        class MetadataOnce(FileSystemReader):  # read per tensor, the metadata file only once
+            def read_metadata(self):
+                return metadata
 
-    Reads only the stored chunks that overlap this parameter: one layer of a key megatron-core
-    stacks over all layers costs one layer's memory. (dist_checkpointing.load cannot ask for part
-    of a stacked key from a single process, so this plans the read with torch.distributed.checkpoint.)
-    """
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint import load as dcp_load
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-    from torch.distributed.checkpoint.planner import LoadPlan
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+        self.storage = MetadataOnce(str(directory))
+        self.dtypes = {key: md.properties.dtype for key, md in metadata.state_dict_metadata.items()
+                       if isinstance(md, TensorStorageMetadata)}
 
-    buffer = torch.empty(entry.data.shape, dtype=dtype)
-    regions = {}
-    for shard in _applied_shards(name, dataclasses.replace(entry, data=buffer)):
-        if shard.data.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr():
-            raise RuntimeError(f"{name}: its sharded form is not a view of the parameter")
-        regions[_chunk_id(shard)] = shard.data.reshape((1,) * shard.prepend_axis_num + tuple(shard.local_shape))
+    def load(self, name: str, entry) -> torch.Tensor:
+        """Our parameter `name` (its one-rank, meta-device state-dict entry), in its stored dtype.
 
-    class RegionLoadPlanner(DefaultLoadPlanner):
-        def create_local_plan(self):
-            items = []
-            for (key, offset), target in regions.items():
-                if key not in self.metadata.state_dict_metadata:
-                    raise KeyError(f"{directory}: no tensor {key} (for {name})")
-                chunk = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=target.shape)
-                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
-            return LoadPlan(items)
+        Reads only the stored chunks that overlap this parameter: one layer of a key megatron-core
+        stacks over all layers costs one layer's memory. (dist_checkpointing.load cannot ask for part
+        of a stacked key from a single process, so this plans the read with torch.distributed.checkpoint.)
+        """
+        from torch.distributed.checkpoint import load as dcp_load
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-        def resolve_tensor(self, read_item):
-            target = regions[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
-            for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-                target = target.narrow(dim, start, length)
-            return target
+        if entry.key not in self.dtypes:
+            raise KeyError(f"{self.directory}: no tensor {entry.key} (for {name})")
+        buffer = torch.empty(entry.data.shape, dtype=self.dtypes[entry.key])
+        regions = {}
+        for shard in _applied_shards(name, dataclasses.replace(entry, data=buffer)):
+            if shard.data.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr():
+                raise RuntimeError(f"{name}: its sharded form is not a view of the parameter")
+            regions[_chunk_id(shard)] = shard.data.reshape((1,) * shard.prepend_axis_num + tuple(shard.local_shape))
+        stored = self.metadata.state_dict_metadata
 
-    dcp_load({}, storage_reader=FileSystemReader(str(directory)), planner=RegionLoadPlanner(), no_dist=True)
-    return buffer
+        class RegionLoadPlanner(DefaultLoadPlanner):
+            def create_local_plan(self):
+                items = []
+                for (key, offset), target in regions.items():
+                    chunk = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=target.shape)
+                    items += create_read_items_for_chunk_list(key, stored[key], [chunk])
+                return LoadPlan(items)
+
+            def resolve_tensor(self, read_item):
+                target = regions[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
+                for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                    target = target.narrow(dim, start, length)
+                return target
+
+        dcp_load({}, storage_reader=self.storage, planner=RegionLoadPlanner(), no_dist=True)
+        return buffer
 
 
 # ---- safetensors --------------------------------------------------------------------------------
