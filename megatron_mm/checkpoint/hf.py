@@ -77,14 +77,14 @@ def meta_state_dict(model_cfg) -> dict:
     from megatron.core import parallel_state
 
     from megatron_mm.config import ParallelConfig, TrainConfig
-    from megatron_mm.runtime import transformer_engine_available
 
-    use_te = transformer_engine_available()
-    tconfig = model_cfg.transformer_config(ParallelConfig(), TrainConfig(precision="fp32"), use_te=use_te,
+    # Always the local (non-TE) spec: megatron-core gives its modules the same checkpoint keys as the
+    # Transformer Engine ones (fused norms, grouped experts), so one set of names serves both.
+    tconfig = model_cfg.transformer_config(ParallelConfig(), TrainConfig(precision="fp32"), use_te=False,
                                            batch_p2p_comm=True)
     tconfig.perform_initialization = False
     with torch.device("meta"):
-        model = model_cfg.build(tconfig, use_te, pre_process=True, post_process=True)
+        model = model_cfg.build(tconfig, False, pre_process=True, post_process=True)
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     return model.sharded_state_dict(metadata={"dp_cp_group": group})
 
