@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -77,22 +78,43 @@ def meta_state_dict(model_cfg) -> dict:
     from megatron.core import parallel_state
 
     from megatron_mm.config import ParallelConfig, TrainConfig
+    from megatron_mm.runtime import transformer_engine_available
 
-    # Always the local (non-TE) spec: megatron-core gives its modules the same checkpoint keys as the
-    # Transformer Engine ones (fused norms, grouped experts), so one set of names serves both.
-    tconfig = model_cfg.transformer_config(ParallelConfig(), TrainConfig(precision="fp32"), use_te=False,
+    # The backend this machine trains with: its checkpoint keys are the ones training will ask for
+    # (TE fuses some norms into linears, which megatron-core's MLA keys do not hide).
+    use_te = transformer_engine_available()
+    tconfig = model_cfg.transformer_config(ParallelConfig(), TrainConfig(precision="fp32"), use_te=use_te,
                                            batch_p2p_comm=True)
     tconfig.perform_initialization = False
     with torch.device("meta"):
-        model = model_cfg.build(tconfig, False, pre_process=True, post_process=True)
+        model = model_cfg.build(tconfig, use_te, pre_process=True, post_process=True)
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     return model.sharded_state_dict(metadata={"dp_cp_group": group})
 
 
+# Transformer Engine module names -> the local-spec names the families' rules are written in.
+TE_NAME_ALIASES = (
+    (re.compile(r"self_attention\.linear_qkv\.layer_norm_weight$"), "input_layernorm.weight"),
+    (re.compile(r"mlp\.linear_fc1\.layer_norm_weight$"), "pre_mlp_layernorm.weight"),
+    (re.compile(r"linear_q_up_proj\.layer_norm_weight$"), "q_layernorm.weight"),
+    (re.compile(r"linear_kv_up_proj\.layer_norm_weight$"), "kv_layernorm.weight"),
+    (re.compile(r"experts\.(linear_fc[12])\.weight(\d+)$"), r"experts.local_experts.\2.\1.weight"),
+)
+
+
+def canonical_name(name: str) -> str:
+    for pattern, replacement in TE_NAME_ALIASES:
+        if pattern.search(name):
+            return pattern.sub(replacement, name)
+    return name
+
+
 def tensor_entries(sharded_state_dict: dict) -> dict:
+    """Our tensors by the names the rules use -> (name in the sharded state dict, its entry)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    return {name: entry for name, entry in sharded_state_dict.items() if not isinstance(entry, ShardedObject)}
+    return {canonical_name(name): (name, entry) for name, entry in sharded_state_dict.items()
+            if not isinstance(entry, ShardedObject)}
 
 
 def checked_rules(model_cfg, entries: dict) -> list[Rule]:
@@ -145,7 +167,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, tp: int = 1, pp: int = 1, 
     with single_rank():
         sharded = meta_state_dict(model_cfg)
         entries = tensor_entries(sharded)
-        rules = {rule.ours: rule for rule in checked_rules(model_cfg, entries)}
+        rules = {entries[rule.ours][0]: rule for rule in checked_rules(model_cfg, entries)}
         _check_hf_tensors(source, rules.values())
         _check_shapes(source, rules.values(), entries)
         bar = _progress(len(rules), f"import {model_cfg.family}")
@@ -202,7 +224,7 @@ def _check_shapes(source: SafetensorsReader, rules, entries: dict) -> None:
             shape = tuple(rule.to_ours(source.meta(rule.hf)).shape)
         except RuntimeError as err:  # e.g. q/k/v that cannot be grouped as the config says
             raise HFConversionError(f"{', '.join(rule.hf)} do not fit {rule.ours}: {err}") from None
-        expected = tuple(entries[rule.ours].data.shape)
+        expected = tuple(entries[rule.ours][1].data.shape)
         if shape != expected:
             raise HFConversionError(
                 f"{', '.join(rule.hf)} give shape {shape} for {rule.ours}; the config implies {expected}")
@@ -269,12 +291,12 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: Optional[torch.
         entries = tensor_entries(meta_state_dict(model_cfg))
         rules = checked_rules(model_cfg, entries)
         reader = CheckpointReader(checkpoint)
-        out_dtype = dtype or _config_dtype(hf_config) or reader.dtypes[entries[rules[0].ours].key]
+        out_dtype = dtype or _config_dtype(hf_config) or reader.dtypes[entries[rules[0].ours][1].key]
         plan = [PlannedTensor(name, out_dtype, tuple(tensor.shape))
-                for rule in rules for name, tensor in zip(rule.hf, rule.to_hf(entries[rule.ours].data))]
+                for rule in rules for name, tensor in zip(rule.hf, rule.to_hf(entries[rule.ours][1].data))]
         writer = SafetensorsWriter(staging, plan, max_shard_bytes)
         for rule in _progress_iter(rules, f"export {model_cfg.family}"):
-            ours = reader.load(rule.ours, entries[rule.ours])
+            ours = reader.load(*entries[rule.ours])
             for name, tensor in zip(rule.hf, rule.to_hf(ours)):
                 writer.write(name, tensor.to(out_dtype))
         writer.close()

@@ -105,3 +105,16 @@ def test_tool_records_the_layout_and_tokenizer(llama_dir, tmp_path):
     assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep) == (2, 2, 1)
     assert cfg.data.tokenizer_model == str((tmp_path / "ckpt" / "hf").resolve())
     assert (tmp_path / "ckpt" / "hf" / "tokenizer.json").read_text() == "{}"
+
+
+def test_transformer_engine_names_reach_the_local_rules():
+    """With TE the model names fused norms and grouped experts differently; the rules use local names."""
+    from megatron_mm.checkpoint.hf import canonical_name
+
+    layer = "decoder.layers.2."
+    assert canonical_name(layer + "self_attention.linear_qkv.layer_norm_weight") == layer + "input_layernorm.weight"
+    assert canonical_name(layer + "mlp.linear_fc1.layer_norm_weight") == layer + "pre_mlp_layernorm.weight"
+    assert (canonical_name(layer + "self_attention.linear_q_up_proj.layer_norm_weight")
+            == layer + "self_attention.q_layernorm.weight")
+    assert canonical_name(layer + "mlp.experts.linear_fc2.weight7") == layer + "mlp.experts.local_experts.7.linear_fc2.weight"
+    assert canonical_name(layer + "self_attention.linear_proj.weight") == layer + "self_attention.linear_proj.weight"
