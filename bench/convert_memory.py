@@ -6,7 +6,8 @@ making it needs no memory either), converts it both ways with tools/convert_chec
 reports each direction's peak resident set size (RSS). Baseline, measured in the same run: the same
 conversions of a two-layer model of the same width, i.e. the interpreter, torch, megatron-core and
 a meta-device model with nothing streamed. What the big model adds over that baseline is compared
-with the model's size and with its largest tensor group.
+with the model's size and, less the per-layer Python structures (measured separately), with its
+largest tensor group.
 
     python bench/convert_memory.py [--layers 800] [--keep DIR]
 """
@@ -70,13 +71,34 @@ def peak_rss(command: list[str]) -> int:
     return usage.ru_maxrss * 1024
 
 
+BOOKKEEPING = """
+import sys, psutil
+from megatron_mm.checkpoint.hf import meta_state_dict, single_rank, tensor_entries
+from megatron_mm.config import load_config
+model = load_config(sys.argv[1]).model
+with single_rank():
+    before = psutil.Process().memory_info().rss
+    entries, rules = tensor_entries(meta_state_dict(model)), model.hf_rules()
+    print(psutil.Process().memory_info().rss - before)
+"""
+
+
+def bookkeeping_bytes(checkpoint: Path) -> int:
+    """RSS of the converter's per-layer structures alone: the meta-device model, its sharded state
+    dict and the rules (no tensor data)."""
+    result = subprocess.run([sys.executable, "-c", BOOKKEEPING, str(checkpoint / "config.yaml")],
+                            capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[-1])
+
+
 def convert_both_ways(work: Path, layers: int) -> dict:
     total, largest = make_hf_model(work / "hf", layers)
     tool = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
     import_peak = peak_rss([*tool, "import-hf", "--hf-dir", str(work / "hf"), "--output", str(work / "ckpt")])
     export_peak = peak_rss([*tool, "export-hf", "--checkpoint", str(work / "ckpt"), "--output", str(work / "out"),
                             "--max-shard-size", "1GB"])
-    return {"layers": layers, "total": total, "largest": largest, "import": import_peak, "export": export_peak}
+    return {"layers": layers, "total": total, "largest": largest, "import": import_peak, "export": export_peak,
+            "bookkeeping": bookkeeping_bytes(work / "ckpt")}
 
 
 def main() -> None:
@@ -95,11 +117,15 @@ def main() -> None:
     print(f"model: {args.layers} layers, hidden {WIDTH['hidden_size']}, {big['total'] / mib:.0f} MiB fp32; "
           f"largest tensor group {big['largest'] / mib:.1f} MiB")
     print(f"baseline: the same tools on a 2-layer model ({base['total'] / mib:.0f} MiB)")
-    print(f"{'direction':<10} {'peak RSS':>10} {'baseline':>10} {'added':>10} {'added/model':>12} {'added/largest':>14}")
+    structures = big["bookkeeping"] - base["bookkeeping"]
+    print(f"per-layer structures (meta-device model, sharded state dict, rules): {structures / mib:.0f} MiB more "
+          f"than the baseline's")
+    print(f"{'direction':<10} {'peak RSS':>10} {'baseline':>10} {'added':>10} {'added/model':>12} "
+          f"{'(added-structures)/largest':>27}")
     for direction in ("import", "export"):
         added = big[direction] - base[direction]
         print(f"{direction:<10} {big[direction] / mib:>8.0f}Mi {base[direction] / mib:>8.0f}Mi {added / mib:>8.0f}Mi "
-              f"{added / big['total']:>11.3f}x {added / big['largest']:>13.2f}x")
+              f"{added / big['total']:>11.3f}x {(added - structures) / big['largest']:>26.2f}x")
 
 
 if __name__ == "__main__":
