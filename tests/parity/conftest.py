@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-4  # max logit difference relative to the largest |logit|, fp32
 
 
-def tiny_hf_model(hf_config, directory: Path, seed: int = 0, noise: float = 0.1) -> Path:
+def tiny_hf_model(hf_config, directory: Path, seed: int = 0, noise: float = 0.1, max_shard_size="5GB") -> Path:
     """A transformers model from `hf_config`, every tensor perturbed (so that norm weights are not
     all ones and a swapped mapping cannot hide), saved as safetensors."""
     from transformers import AutoModelForCausalLM
@@ -28,7 +28,7 @@ def tiny_hf_model(hf_config, directory: Path, seed: int = 0, noise: float = 0.1)
         for tensor in model.state_dict().values():
             if tensor.is_floating_point():
                 tensor.add_(torch.randn_like(tensor) * noise)
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
     return directory
 
 

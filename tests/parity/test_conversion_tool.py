@@ -118,3 +118,26 @@ def test_transformer_engine_names_reach_the_local_rules():
             == layer + "self_attention.q_layernorm.weight")
     assert canonical_name(layer + "mlp.experts.linear_fc2.weight7") == layer + "mlp.experts.local_experts.7.linear_fc2.weight"
     assert canonical_name(layer + "self_attention.linear_proj.weight") == layer + "self_attention.linear_proj.weight"
+
+
+def test_sharded_checkpoints_in_and_out(tmp_path):
+    """A HuggingFace model in several safetensors files with an index converts, and export writes
+    shards + index that transformers loads back to the same tensors."""
+    from transformers import LlamaConfig
+
+    from megatron_mm.checkpoint.hf import export_hf
+    from megatron_mm.checkpoint.hf_parity import hf_model
+
+    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    hf_dir = tiny_hf_model(config, tmp_path / "hf", max_shard_size="40KB")
+    assert (hf_dir / "model.safetensors.index.json").is_file()
+    import_hf(hf_dir, tmp_path / "ckpt")
+    exported = export_hf(tmp_path / "ckpt", tmp_path / "exported", max_shard_bytes=40 << 10)
+    weight_map = json.loads((exported / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) > 1
+    original = hf_tensors(hf_dir)
+    assert sorted(weight_map) == sorted(original)
+    loaded = hf_model(exported).state_dict()
+    for name, tensor in original.items():
+        assert torch.equal(loaded[name], tensor), name
