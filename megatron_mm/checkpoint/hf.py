@@ -72,9 +72,10 @@ def single_rank():
                 os.environ[key] = value
 
 
-def meta_state_dict(model_cfg) -> dict:
-    """The sharded state dict of a one-rank model built on the meta device (no memory for weights):
-    our parameter names -> megatron-core ShardedTensor / factory / object entries."""
+def meta_state_dict(model_cfg, dtype: torch.dtype = torch.float32) -> dict:
+    """The sharded state dict of a one-rank model built on the meta device (no memory for weights)
+    with parameters in `dtype`: our parameter names -> megatron-core ShardedTensor / factory / object
+    entries."""
     from megatron.core import parallel_state
 
     from megatron_mm.config import ParallelConfig, TrainConfig
@@ -86,6 +87,7 @@ def meta_state_dict(model_cfg) -> dict:
     tconfig = model_cfg.transformer_config(ParallelConfig(), TrainConfig(precision="fp32"), use_te=use_te,
                                            batch_p2p_comm=True)
     tconfig.perform_initialization = False
+    tconfig.params_dtype = dtype  # the stored dtype (fp32-only buffers such as expert biases stay fp32)
     with torch.device("meta"):
         model = model_cfg.build(tconfig, use_te, pre_process=True, post_process=True)
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
@@ -165,7 +167,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, tp: int = 1, pp: int = 1, 
     staging = output.with_name(output.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     with single_rank():
-        sharded = meta_state_dict(model_cfg)
+        sharded = meta_state_dict(model_cfg, source.main_dtype())
         entries = tensor_entries(sharded)
         rules = {entries[rule.ours][0]: rule for rule in checked_rules(model_cfg, entries)}
         _check_hf_tensors(source, rules.values())
@@ -180,6 +182,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, tp: int = 1, pp: int = 1, 
             except HFConversionError as err:  # torch.distributed.checkpoint would wrap it
                 errors.append(err)
                 raise
+            tensor = tensor.to(sharded[name].data.dtype)  # e.g. a bf16 model's odd fp32 tensor
             if name not in done:
                 done.add(name)
                 bar.update(1)
@@ -288,10 +291,10 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: Optional[torch.
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     with single_rank():
-        entries = tensor_entries(meta_state_dict(model_cfg))
-        rules = checked_rules(model_cfg, entries)
         reader = CheckpointReader(checkpoint)
-        out_dtype = dtype or _config_dtype(hf_config) or reader.dtypes[entries[rules[0].ours][1].key]
+        entries = tensor_entries(meta_state_dict(model_cfg, reader.main_dtype))
+        rules = checked_rules(model_cfg, entries)
+        out_dtype = dtype or _config_dtype(hf_config) or reader.main_dtype
         plan = [PlannedTensor(name, out_dtype, tuple(tensor.shape))
                 for rule in rules for name, tensor in zip(rule.hf, rule.to_hf(entries[rule.ours][1].data))]
         writer = SafetensorsWriter(staging, plan, max_shard_bytes)

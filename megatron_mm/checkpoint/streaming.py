@@ -16,6 +16,7 @@ import collections
 import copy
 import dataclasses
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -116,6 +117,12 @@ class CheckpointReader:
         self.storage = MetadataOnce(str(directory))
         self.dtypes = {key: md.properties.dtype for key, md in metadata.state_dict_metadata.items()
                        if isinstance(md, TensorStorageMetadata)}
+        counts = collections.Counter()
+        for key, md in metadata.state_dict_metadata.items():
+            if (isinstance(md, TensorStorageMetadata) and md.properties.dtype.is_floating_point
+                    and not key.startswith("optimizer.")):  # fp32 Adam state and main params aside
+                counts[md.properties.dtype] += math.prod(md.size)
+        self.main_dtype = counts.most_common(1)[0][0]  # the model parameters' dtype
 
     def load(self, name: str, entry) -> torch.Tensor:
         """Our parameter `name` (its one-rank, meta-device state-dict entry), in its stored dtype.
@@ -132,7 +139,7 @@ class CheckpointReader:
 
         if entry.key not in self.dtypes:
             raise KeyError(f"{self.directory}: no tensor {entry.key} (for {name})")
-        buffer = torch.empty(entry.data.shape, dtype=self.dtypes[entry.key])
+        buffer = torch.empty(entry.data.shape, dtype=entry.data.dtype)  # converted from the stored dtype
         regions = {}
         for shard in _applied_shards(name, dataclasses.replace(entry, data=buffer)):
             if shard.data.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr():
@@ -171,34 +178,40 @@ class SafetensorsReader:
     one file at a time so that only the tensors asked for are read."""
 
     def __init__(self, directory: Path):
-        from safetensors import safe_open
-
         self.directory = Path(directory)
         index = self.directory / "model.safetensors.index.json"
         single = self.directory / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         elif single.is_file():
-            with safe_open(str(single), "pt") as handle:
-                weight_map = {name: single.name for name in handle.keys()}
+            files = [single.name]
         else:
             raise FileNotFoundError(f"{self.directory}: no model.safetensors or model.safetensors.index.json")
-        self.file_of: dict[str, str] = weight_map
+        self.file_of: dict[str, str] = {}
+        self.header: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        dtypes = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+        for file in files:  # headers only: names, dtypes, shapes
+            with open(self.directory / file, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    self.file_of[name] = file
+                    self.header[name] = (dtypes[info["dtype"]], tuple(info["shape"]))
 
     def names(self) -> set[str]:
         return set(self.file_of)
 
     def meta(self, names: Iterable[str]) -> list[torch.Tensor]:
         """Meta-device stand-ins (shape and dtype from the file headers, no data read)."""
-        from safetensors import safe_open
+        return [torch.empty(self.header[name][1], dtype=self.header[name][0], device="meta") for name in names]
 
-        stand_ins = []
-        for name in names:
-            with safe_open(str(self.directory / self.file_of[name]), "pt") as handle:
-                piece = handle.get_slice(name)
-                dtype = {v: k for k, v in _SAFETENSORS_DTYPES.items()}[piece.get_dtype()]
-                stand_ins.append(torch.empty(piece.get_shape(), dtype=dtype, device="meta"))
-        return stand_ins
+    def main_dtype(self) -> torch.dtype:
+        """The dtype most of the bytes are stored in."""
+        counts = collections.Counter()
+        for dtype, shape in self.header.values():
+            counts[dtype] += math.prod(shape)
+        return counts.most_common(1)[0][0]
 
     def get(self, names: Iterable[str]) -> list[torch.Tensor]:
         from safetensors import safe_open

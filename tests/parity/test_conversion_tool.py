@@ -141,3 +141,26 @@ def test_sharded_checkpoints_in_and_out(tmp_path):
     loaded = hf_model(exported).state_dict()
     for name, tensor in original.items():
         assert torch.equal(loaded[name], tensor), name
+
+
+def test_bf16_checkpoint_round_trip_and_fp32_parity(tmp_path):
+    """Published checkpoints are bf16: stored as such, loaded into fp32 parameters for the parity run,
+    exported back in the config's dtype bit for bit."""
+    from conftest import assert_round_trip, check_parity
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, dtype="bfloat16")
+    hf_dir = tiny_hf_model(config, tmp_path / "hf")
+    from safetensors.torch import save_file
+
+    bf16 = hf_tensors(hf_dir)
+
+    save_file({name: t.to(torch.bfloat16) for name, t in bf16.items()}, hf_dir / "model.safetensors",
+              metadata={"format": "pt"})
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**hf_config, "dtype": "bfloat16"}))
+    checkpoint = import_hf(hf_dir, tmp_path / "ckpt")
+    assert_round_trip(hf_dir, checkpoint, tmp_path / "exported")
+    assert all(t.dtype == torch.bfloat16 for t in hf_tensors(tmp_path / "exported").values())
+    assert check_parity(hf_dir, checkpoint) < 1e-4
