@@ -285,7 +285,11 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: Optional[torch.
     model_cfg = load_config(checkpoint / "config.yaml").model
     saved_dir = checkpoint / HF_SUBDIR
     hf_config = json.loads((saved_dir / "config.json").read_text()) if (saved_dir / "config.json").is_file() else {}
-    hf_config.update(model_cfg.to_hf_config())
+    ours = model_cfg.to_hf_config()
+    if "rope_parameters" in ours:  # older configs' rope_scaling would take precedence over it
+        hf_config.pop("rope_scaling", None)
+        hf_config.pop("rope_theta", None)
+    hf_config.update(ours)
 
     staging = output.with_name(output.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -306,7 +310,8 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: Optional[torch.
 
     if saved_dir.is_dir():
         _copy_side_files(saved_dir, staging)
-    hf_config["dtype"] = str(out_dtype).removeprefix("torch.")
+    hf_config["torch_dtype" if "torch_dtype" in hf_config and "dtype" not in hf_config else "dtype"] = (
+        str(out_dtype).removeprefix("torch."))
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if output.exists():
         output.rmdir()

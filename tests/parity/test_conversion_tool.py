@@ -164,3 +164,26 @@ def test_bf16_checkpoint_round_trip_and_fp32_parity(tmp_path):
     assert_round_trip(hf_dir, checkpoint, tmp_path / "exported")
     assert all(t.dtype == torch.bfloat16 for t in hf_tensors(tmp_path / "exported").values())
     assert check_parity(hf_dir, checkpoint) < 1e-4
+
+
+def test_hub_style_config_with_rope_scaling(llama_dir, tmp_path):
+    """Published configs predate transformers 5: top-level rope_theta / rope_scaling and torch_dtype.
+    They import, and the exported config means the same to transformers."""
+    from transformers import AutoConfig
+
+    from megatron_mm.checkpoint.hf import export_hf
+
+    def edit(config):
+        config.pop("rope_parameters", None)
+        config["torch_dtype"] = config.pop("dtype")
+        config.update(rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192})
+
+    hf_dir = _variant(llama_dir, tmp_path / "hf", edit_config=edit)
+    import_hf(hf_dir, tmp_path / "ckpt")
+    exported = export_hf(tmp_path / "ckpt", tmp_path / "exported")
+    before, after = AutoConfig.from_pretrained(hf_dir), AutoConfig.from_pretrained(exported)
+    assert after.rope_parameters == before.rope_parameters
+    assert after.rope_parameters["rope_type"] == "llama3"
+    assert json.loads((exported / "config.json").read_text())["torch_dtype"] == "float32"
