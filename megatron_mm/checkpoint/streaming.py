@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import gc
 import json
 import math
 import struct
@@ -24,6 +25,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 STREAMING_CACHE_SIZE = 4  # materialised parameters kept while their shards are written
+GC_EVERY_LOADS = 200
 
 
 def _applied_shards(name: str, entry) -> list:
@@ -115,6 +117,7 @@ class CheckpointReader:
                 return metadata
 
         self.storage = MetadataOnce(str(directory))
+        self.loads = 0
         self.dtypes = {key: md.properties.dtype for key, md in metadata.state_dict_metadata.items()
                        if isinstance(md, TensorStorageMetadata)}
         counts = collections.Counter()
@@ -162,6 +165,11 @@ class CheckpointReader:
                 return target
 
         dcp_load({}, storage_reader=self.storage, planner=RegionLoadPlanner(), no_dist=True)
+        # Each read leaves reference cycles (planner, read plans); with a large model's many live
+        # objects Python's full collection runs too rarely to keep memory flat on its own.
+        self.loads += 1
+        if self.loads % GC_EVERY_LOADS == 0:
+            gc.collect()
         return buffer
 
 
