@@ -101,6 +101,14 @@ def rope_settings(hf: dict) -> tuple[float, Optional[dict]]:
     return float(theta), scaling
 
 
+def plain_rope(hf: dict, problems: list[str]) -> float:
+    """rope_theta of a config whose family has no rope scaling (a scaled one is a problem)."""
+    theta, scaling = rope_settings(hf)
+    if scaling is not None:
+        problems.append(f"rope scaling {scaling.get('rope_type')!r}")
+    return theta
+
+
 def rope_parameters(theta: float, scaling: Optional[dict] = None) -> dict:
     """The transformers-5 `rope_parameters` field for a config we write."""
     return {"rope_theta": theta, **(scaling or {"rope_type": "default"})}

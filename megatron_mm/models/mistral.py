@@ -29,9 +29,7 @@ class MistralConfig(DecoderConfig):
     def from_hf_config(cls, hf: dict) -> "MistralConfig":
         problems: list[str] = []
         hf_rules.check_dense_decoder(hf, problems)
-        theta, scaling = hf_rules.rope_settings(hf)
-        if scaling is not None:
-            problems.append(f"rope scaling {scaling.get('rope_type')!r}")
+        theta = hf_rules.plain_rope(hf, problems)
         hf_rules.unsupported("MistralForCausalLM", problems)
         # transformers' window counts the query itself, as ours does
         return cls(**hf_rules.decoder_fields_from_hf(hf), rotary_base=theta, sliding_window=hf.get("sliding_window"))

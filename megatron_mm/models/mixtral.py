@@ -24,9 +24,7 @@ class MixtralConfig(MoEDecoderConfig):
         problems: list[str] = []
         hf_rules.check_dense_decoder(hf, problems)
         hf_rules.check_equal(hf, problems, "sliding_window", None)
-        theta, scaling = hf_rules.rope_settings(hf)
-        if scaling is not None:
-            problems.append(f"rope scaling {scaling.get('rope_type')!r}")
+        theta = hf_rules.plain_rope(hf, problems)
         moe = hf_rules.moe_fields_from_hf(hf, problems)
         hf_rules.unsupported("MixtralForCausalLM", problems)
         return cls(**hf_rules.decoder_fields_from_hf(hf), **moe, rotary_base=theta)

@@ -26,9 +26,7 @@ class Qwen3Config(DecoderConfig):
         problems: list[str] = []
         hf_rules.check_dense_decoder(hf, problems)
         hf_rules.check_equal(hf, problems, "use_sliding_window", False, False)
-        theta, scaling = hf_rules.rope_settings(hf)
-        if scaling is not None:
-            problems.append(f"rope scaling {scaling.get('rope_type')!r}")
+        theta = hf_rules.plain_rope(hf, problems)
         hf_rules.unsupported("Qwen3ForCausalLM", problems)
         return cls(**hf_rules.decoder_fields_from_hf(hf), rotary_base=theta)
 

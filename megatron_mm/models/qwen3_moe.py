@@ -32,9 +32,7 @@ class Qwen3MoEConfig(MoEDecoderConfig):
         dense = list(hf.get("mlp_only_layers") or [])
         if dense != list(range(len(dense))):
             problems.append(f"mlp_only_layers={dense} (only leading dense layers are supported)")
-        theta, scaling = hf_rules.rope_settings(hf)
-        if scaling is not None:
-            problems.append(f"rope scaling {scaling.get('rope_type')!r}")
+        theta = hf_rules.plain_rope(hf, problems)
         moe = hf_rules.moe_fields_from_hf(hf, problems)
         hf_rules.unsupported("Qwen3MoeForCausalLM", problems)
         # norm_topk_prob: softmax over the chosen k (= renormalised); otherwise softmax over all
