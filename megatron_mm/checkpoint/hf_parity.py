@@ -48,6 +48,7 @@ def our_logits(checkpoint: str | Path, tokens: torch.Tensor, tp: int = 1, pp: in
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    from megatron.core.utils import unwrap_model
 
     from megatron_mm.checkpoint.dist_ckpt import load_checkpoint
     from megatron_mm.config import load_config
@@ -88,13 +89,24 @@ def our_logits(checkpoint: str | Path, tokens: torch.Tensor, tp: int = 1, pp: in
         tokens_dev = tokens.to(device)
         positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, -1)
 
+        def keep_logits(logits):
+            full = gather_from_tensor_model_parallel_region(logits)
+            return logits.sum() * 0, torch.tensor(1), {"logits": full}
+
         def forward_step(data_iterator, chunk):
-            output = chunk(tokens_dev, positions, None)
-
-            def keep_logits(logits):
-                full = gather_from_tensor_model_parallel_region(logits)
-                return logits.sum() * 0, torch.tensor(1), {"logits": full}
-
+            module = unwrap_model(chunk)
+            if not module.config.mtp_num_layers:
+                return chunk(tokens_dev, positions, None), keep_logits
+            # megatron-core's multi-token prediction needs labels, and given labels the model returns
+            # its loss: take the main head's logits, the output layer's last call (the MTP heads' come
+            # first), copied since the loss overwrites them in place.
+            calls = []
+            hook = (module.output_layer.register_forward_hook(lambda layer, args, out: calls.append(out[0].clone()))
+                    if module.post_process else None)
+            output = chunk(tokens_dev, positions, None, labels=tokens_dev)
+            if hook is not None:
+                hook.remove()
+                output = calls[-1].transpose(0, 1)  # [s, b, v] -> [b, s, v]
             return output, keep_logits
 
         with torch.no_grad():
