@@ -126,7 +126,7 @@ class DeepSeekConfig(MoEDecoderConfig):
     def from_hf_config(cls, hf: dict) -> "DeepSeekConfig":
         problems: list[str] = []
         for field, value in (("hidden_act", "silu"), ("attention_bias", False), ("rope_interleave", True),
-                             # hub configs' fields that transformers reads no more but fixes so
+                             # hub config fields transformers ignores: it hard-codes these values
                              ("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
             hf_rules.check_equal(hf, problems, field, value, value)
         heads, topk = hf["num_attention_heads"], hf["num_experts_per_tok"]
