@@ -235,6 +235,10 @@ def forward_step(data_iterator, model):
     batch = next(data_iterator)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    if "images" in batch:  # LLaVAModel: the loss mask comes back widened to text + image positions
+        output, loss_mask = model(batch["images"], batch["tokens"], batch["position_ids"], None,
+                                  labels=batch["labels"], loss_mask=batch["loss_mask"])
+        return output, functools.partial(loss_func, loss_mask)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, functools.partial(loss_func, batch["loss_mask"])
 
