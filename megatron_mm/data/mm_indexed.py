@@ -35,6 +35,7 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Union
 
 import numpy
 
+from megatron_mm.data.preprocess import format_skipped
 from megatron_mm.data.tokenizer import Tokenizer, build_tokenizer
 
 MAGIC = b"MMIDX\x00\x00\x00"
@@ -456,8 +457,6 @@ def format_summary(summary: dict) -> str:
         f"audio: {summary['audio']}  inputs read: {summary['items']}  ({summary['seconds']:.2f} s, "
         f"{summary['samples'] / seconds:.0f} samples/s)"
     ]
-    skipped = summary["skipped"]
-    lines.append(f"skipped: {sum(skipped.values())}" + ("" if skipped else " (none)"))
-    lines += [f"  {reason}: {count}  ({SKIP_REASONS[reason]})" for reason, count in skipped.items()]
+    lines += format_skipped(summary["skipped"], SKIP_REASONS)
     lines.append(f"output: {summary['output']}.bin / {summary['output']}.idx")
     return "\n".join(lines)

@@ -221,6 +221,12 @@ def _write_documents(
     }
 
 
+def format_skipped(skipped: dict[str, int], reasons: dict[str, str]) -> list[str]:
+    """The skip lines of a preprocessing summary: the total, then each reason with its count."""
+    lines = [f"skipped: {sum(skipped.values())}" + ("" if skipped else " (none)")]
+    return lines + [f"  {reason}: {count}  ({reasons[reason]})" for reason, count in skipped.items()]
+
+
 def format_summary(summary: dict) -> str:
     seconds = max(summary["seconds"], 1e-9)
     lines = [
@@ -228,8 +234,6 @@ def format_summary(summary: dict) -> str:
         f"bytes read: {summary['bytes']}  ({summary['seconds']:.2f} s, {summary['docs'] / seconds:.0f} docs/s, "
         f"{summary['bytes'] / seconds / 1e6:.2f} MB/s)"
     ]
-    skipped = summary["skipped"]
-    lines.append(f"skipped: {sum(skipped.values())}" + ("" if skipped else " (none)"))
-    lines += [f"  {reason}: {count}  ({SKIP_REASONS[reason]})" for reason, count in skipped.items()]
+    lines += format_skipped(summary["skipped"], SKIP_REASONS)
     lines += [f"output: {prefix}.bin / {prefix}.idx" for prefix in summary["outputs"].values()]
     return "\n".join(lines)
