@@ -1,6 +1,6 @@
 """Image-caption training samples generated on the fly from the synthetic shapes of
-data/synthetic_mm.py (the data.mock of multimodal families): no files, a caption that is a function
-of the image."""
+data/synthetic_mm.py (the data.mock of image-language families): no files, a caption that is a
+function of the image."""
 
 from __future__ import annotations
 
@@ -8,67 +8,79 @@ import torch
 
 from megatron_mm.config import Config
 
+BOS, PROMPT, EOD, FIRST_WORD = 1, 2, 0, 3
+
+
+def caption_vocabulary() -> dict[str, int]:
+    """Caption word -> token id (ids FIRST_WORD...; 0-2 are eod, bos, prompt)."""
+    from megatron_mm.data import synthetic_mm
+
+    words = [*synthetic_mm.COUNT_WORDS.values(), *synthetic_mm.COLOURS, *synthetic_mm.SHAPES,
+             *(f"{s}s" for s in synthetic_mm.SHAPES), *(p for _, p in synthetic_mm.POSITIONS.values())]
+    words = sorted({w for phrase in words for w in phrase.split()})
+    return {w: FIRST_WORD + i for i, w in enumerate(words)}
+
 
 def build_mock_image_caption_datasets(cfg: Config, num_samples: tuple[int, int, int]):
-    """Image-caption samples generated on the fly (data.mock-style; no mm_indexed reading yet)."""
     from megatron_mm.config import ConfigError
 
-    m, d = cfg.model, cfg.data
-    if not d.mock:
-        raise ConfigError(f"model.family={m.family} trains on generated image-caption samples only: set data.mock=true")
-    if d.seq_length > m.max_position_embeddings or (cfg.parallel.pp > 1 and d.seq_length != m.max_position_embeddings):
-        raise ConfigError(f"data.seq_length={d.seq_length} (text + image embeddings) must be <= model.max_position_"
-                          f"embeddings={m.max_position_embeddings}, and equal with parallel.pp > 1")
+    if not cfg.data.mock:
+        raise ConfigError(f"model.family={cfg.model.family} trains on generated image-caption samples here: "
+                          "set data.mock=true")
+    if cfg.data.seq_length > cfg.model.max_position_embeddings:
+        raise ConfigError(f"data.seq_length={cfg.data.seq_length} exceeds model.max_position_embeddings="
+                          f"{cfg.model.max_position_embeddings}")
     return tuple(MockImageCaptionDataset(cfg, n, split) if n else None for split, n in enumerate(num_samples))
 
 
 class MockImageCaptionDataset:
-    """Shape images of data/synthetic_mm.py with their captions as word ids: sample i is
-    [bos, <image>, prompt, caption words..., eod, pad...], text length seq_length - image
-    embeddings + 1, so text plus image embeddings fill exactly data.seq_length. Loss only on the
-    caption and eod; the caption is a function of the image."""
+    """Sample i: [bos, <image> x placeholders, prompt, caption words..., eod, pad...] of
+    data.seq_length tokens, with the image as the family's processor prepares it. Loss only on the
+    caption and eod. `zero_images` blanks every image (a control: no visual information)."""
 
-    BOS, PROMPT, EOD, FIRST_WORD = 1, 2, 0, 3
-
-    def __init__(self, cfg: Config, num_samples: int, split: int):
-        from megatron_mm.data import synthetic_mm
-
+    def __init__(self, cfg: Config, num_samples: int, split: int, zero_images: bool = False):
         self.num_samples, self.seed = num_samples, cfg.train.seed * 10 + split
-        self.image_size, self.image_token = cfg.model.vision_image_size, cfg.model.image_token_id
-        self.text_length = cfg.data.seq_length - cfg.model.num_image_embeddings + 1
-        words = [*synthetic_mm.COUNT_WORDS.values(), *synthetic_mm.COLOURS, *synthetic_mm.SHAPES,
-                 *(f"{s}s" for s in synthetic_mm.SHAPES), *(p for _, p in synthetic_mm.POSITIONS.values())]
-        words = sorted({w for phrase in words for w in phrase.split()})
-        self.word_ids = {w: self.FIRST_WORD + i for i, w in enumerate(words)}
-        if self.FIRST_WORD + len(words) > cfg.model.vocab_size:
-            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < {self.FIRST_WORD + len(words)} caption ids")
+        self.seq_length, self.zero_images = cfg.data.seq_length, zero_images
+        self.model = cfg.model
+        self.processor = cfg.model.media_processors()["image"]
+        self.image_token = cfg.model.placeholder_ids()["image"]
+        self.word_ids = caption_vocabulary()
+        used = {EOD, BOS, PROMPT, *self.word_ids.values()}
+        if self.image_token in used:
+            raise ValueError(f"model.image_token_id={self.image_token} collides with the caption ids 0-{max(used)}")
+        if max(used) >= cfg.model.vocab_size:
+            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < {max(used) + 1} caption ids")
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, index: int) -> dict:
+    def attributes(self, index: int) -> tuple[dict, "random.Random"]:
         import random
-
-        import numpy
-        from PIL import Image
 
         from megatron_mm.data import synthetic_mm
 
         rng = random.Random(self.seed * 1_000_003 + index)
-        attributes = synthetic_mm.random_image_attributes(rng)
-        image = synthetic_mm.render_image(attributes, rng).convert("RGB")
-        if image.size != (self.image_size, self.image_size):
-            image = image.resize((self.image_size, self.image_size), Image.NEAREST)
-        pixels = torch.from_numpy(numpy.asarray(image, dtype=numpy.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        return synthetic_mm.random_image_attributes(rng), rng
+
+    def __getitem__(self, index: int) -> dict:
+        import numpy
+
+        from megatron_mm.data import synthetic_mm
+
+        attributes, rng = self.attributes(index)
+        image = numpy.asarray(synthetic_mm.render_image(attributes, rng).convert("RGB"))
+        if self.zero_images:
+            image = numpy.zeros_like(image)
+        media, num_placeholders = self.processor(image)
         caption = [self.word_ids[w] for w in synthetic_mm.image_caption(attributes).split()]
-        text = [self.BOS, self.image_token, self.PROMPT, *caption, self.EOD]
-        if len(text) > self.text_length:
-            raise ValueError(f"caption of {len(text)} tokens does not fit {self.text_length} text positions")
-        tokens = torch.full((self.text_length,), self.EOD, dtype=torch.long)
+        text = [BOS, *[self.image_token] * num_placeholders, PROMPT, *caption, EOD]
+        if len(text) > self.seq_length:
+            raise ValueError(f"image and caption take {len(text)} tokens; data.seq_length={self.seq_length}")
+        tokens = torch.full((self.seq_length,), EOD, dtype=torch.long)
         tokens[: len(text)] = torch.tensor(text)
-        labels = torch.cat([tokens[1:], tokens[:1].new_full((1,), self.EOD)])
-        labels[labels == self.image_token] = 0
-        loss_mask = torch.zeros(self.text_length)
-        loss_mask[2 : len(text) - 1] = 1.0  # from the prompt (predicts the first word) to the last word (eod)
+        labels = torch.cat([tokens[1:], tokens.new_full((1,), EOD)])
+        loss_mask = torch.zeros(self.seq_length)
+        first = 1 + num_placeholders  # the prompt predicts the first caption word
+        loss_mask[first : len(text) - 1] = 1.0
         return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
-                "position_ids": torch.arange(self.text_length), "images": pixels}
+                "position_ids": self.model.position_ids(tokens, media), **media}

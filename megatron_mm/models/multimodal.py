@@ -1,145 +1,114 @@
-"""LLaVA-style vision-language model: CLIP ViT -> MLP projector -> a Llama 3 decoder, built as
-megatron-core's LLaVAModel.
+"""Encoders + projectors + a language model: the one multimodal model class every multimodal family
+builds (llava.py, qwen2_vl.py, qwen2_audio.py).
 
-The config is the language model's (every llama3 field, flat, so layouts validate as for llama3)
-plus `vision_*` fields for the encoder and projector (models/vision.py). Each image placeholder
-token (`image_token_id`, one per sample) in the text is replaced by the image's projected patch
-embeddings, so the decoder sees `len(text) - 1 + num_image_embeddings` positions; with pipeline
-parallelism the encoder and projector live on the first stage and every sequence is padded to
-`max_position_embeddings` (LLaVAModel's rule), which therefore must equal data.seq_length.
+The language model is the family's own megatron-core GPTModel (any decoder family: dense or MoE,
+rope or M-RoPE). Placeholders are expanded in the text: a sample holds one placeholder token per
+embedding its image/audio contributes, so the sequence the decoder sees is the token sequence and
+labels, loss masks and pipeline shapes stay those of text. On the first pipeline stage each
+modality's encoder (encoder and projector together) turns the micro-batch's media into rows that
+overwrite the placeholder tokens' word embeddings, in (sample, position) order.
 
-Layouts: TP and PP as megatron-core allows; not sequence or context parallel without Transformer
-Engine (LLaVAModel asserts TEDotProductAttention for both), and no virtual pipeline stages yet.
+An encoder module declares `MEDIA_KEYS` (the batch keys it reads) and maps
+`forward(**media) -> Tensor[num_placeholders, language_hidden_size]`.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-
-from megatron_mm.models.llama import LlamaConfig
-from megatron_mm.models.vision import VisionEncoderConfig, vision_encoder_class
-
-DEFAULT_IMAGE_TOKEN_ID = -200  # megatron-core's DEFAULT_IMAGE_TOKEN_INDEX; never looked up as a word
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
 
 
-@dataclass
-class LlavaConfig(LlamaConfig):
-    family: str = "llava"
-    image_token_id: int = DEFAULT_IMAGE_TOKEN_ID
-    vision_image_size: int = 32
-    vision_patch_size: int = 8
-    vision_hidden_size: int = 64
-    vision_num_layers: int = 2
-    vision_num_attention_heads: int = 4
-    vision_ffn_hidden_size: int = 256
-    vision_norm_epsilon: float = 1e-5
-    projector_ffn_hidden_size: int = 128
-    projector_type: str = "mlp"
+class MultimodalModel(MegatronModule):
+    def __init__(self, config, language_model, encoders: dict[str, torch.nn.Module], placeholder_ids: dict[str, int]):
+        super().__init__(config=config)
+        self.language_model = language_model
+        self.encoders = torch.nn.ModuleDict(encoders)  # empty off the first pipeline stage
+        self.placeholder_ids = dict(placeholder_ids)
+        self.pre_process, self.post_process = language_model.pre_process, language_model.post_process
+        self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
+        self.model_type = language_model.model_type
+        if self.pre_process:
+            # Media rows go in before the sequence-parallel scatter, so the embedding must not
+            # reduce-scatter itself; _embed all-reduces and scatters instead.
+            language_model.embedding.word_embeddings.reduce_scatter_embeddings = False
 
-    HF_ARCHITECTURES = ()  # no HuggingFace mapping yet (LlamaConfig's must not be inherited)
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
 
-    def vision(self) -> VisionEncoderConfig:
-        return VisionEncoderConfig(
-            image_size=self.vision_image_size,
-            patch_size=self.vision_patch_size,
-            hidden_size=self.vision_hidden_size,
-            num_layers=self.vision_num_layers,
-            num_attention_heads=self.vision_num_attention_heads,
-            ffn_hidden_size=self.vision_ffn_hidden_size,
-            norm_epsilon=self.vision_norm_epsilon,
-            projector_ffn_hidden_size=self.projector_ffn_hidden_size,
-            projector_type=self.projector_type,
-        )
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
 
-    @property
-    def num_image_embeddings(self) -> int:
-        return self.vision().num_image_embeddings
+    def forward(self, tokens, position_ids, attention_mask=None, labels=None, **media):
+        """Per-token losses [B, S] with labels, else logits [B, S, V] (last stage); hidden states
+        on other stages. position_ids are [B, S], or [3, B, S] for M-RoPE."""
+        decoder_input = self._embed(tokens, media) if self.pre_process else None
+        return self.language_model(tokens, position_ids, attention_mask, decoder_input=decoder_input, labels=labels)
+
+    def _embed(self, tokens, media: dict) -> torch.Tensor:
+        words = self.language_model.embedding.word_embeddings(tokens)  # [B, S, H]
+        for modality, encoder in self.encoders.items():
+            placeholders = tokens == self.placeholder_ids[modality]
+            inputs = {key: media[key] for key in encoder.MEDIA_KEYS if key in media}
+            expected = int(placeholders.sum())
+            if not inputs:
+                if expected:
+                    raise ValueError(f"{expected} {modality} placeholder tokens but no {modality} inputs in the batch")
+                continue
+            inputs = {k: v.to(self.config.params_dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+            rows = encoder(**inputs)
+            if rows.shape[0] != expected:
+                raise ValueError(f"the {modality} encoder gave {rows.shape[0]} embeddings for {expected} "
+                                 f"placeholder tokens (id {self.placeholder_ids[modality]})")
+            words = words.masked_scatter(placeholders.unsqueeze(-1), rows.to(words.dtype))
+        embeddings = words.transpose(0, 1).contiguous()  # [S, B, H]
+        if self.config.sequence_parallel:
+            embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return self.language_model.embedding.embedding_dropout(embeddings)
+        return self.language_model.embedding.embedding_dropout(embeddings)
+
+
+class MultimodalFamily:
+    """Mixin for a multimodal family's config, placed before its language model's config class:
+    `class LlavaConfig(MultimodalFamily, LlamaConfig)`. The family supplies its encoders, their data
+    processors and their placeholder token ids; the language model is built as the decoder family
+    builds it."""
+
+    def build_encoders(self, transformer_config, use_te: bool) -> dict[str, torch.nn.Module]:
+        raise NotImplementedError
+
+    def placeholder_ids(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def media_processors(self) -> dict:
+        """modality -> processor: item (uint8 HxWx3 image / float32 16 kHz waveform) -> (media
+        tensors with a leading item dimension, number of placeholder tokens)."""
+        raise NotImplementedError
+
+    def position_ids(self, tokens: torch.Tensor, media: dict) -> torch.Tensor:
+        """One sample's position ids ([S]; M-RoPE families return [3, S])."""
+        return torch.arange(tokens.shape[0])
+
+    def encoder_num_parameters(self) -> int:
+        """Encoder + projector parameters, for the FLOP estimate."""
+        return 0
 
     def validate(self, parallel) -> list[str]:
-        from megatron_mm.runtime import transformer_engine_available
-
-        problems = super().validate(parallel) + self.vision().validate(parallel)
+        problems = super().validate(parallel)
+        for modality, token_id in self.placeholder_ids().items():
+            if not 0 <= token_id < (self.vocab_size or token_id + 1):
+                problems.append(f"model.{modality}_token_id={token_id} is outside the vocabulary "
+                                f"(model.vocab_size={self.vocab_size})")
         if parallel.vpp is not None:
-            problems.append("model.family=llava does not support parallel.vpp yet")
-        if (parallel.sequence_parallel or parallel.cp > 1) and not transformer_engine_available():
-            problems.append("model.family=llava: sequence/context parallel need Transformer Engine "
-                            "(megatron-core's LLaVAModel asserts TEDotProductAttention)")
-        if self.num_image_embeddings >= self.max_position_embeddings:
-            problems.append(f"model.max_position_embeddings={self.max_position_embeddings} leaves no room for "
-                            f"text after {self.num_image_embeddings} image embeddings")
+            problems.append(f"model.family={self.family} does not support parallel.vpp yet")
         return problems
 
     def build(self, transformer_config, use_te: bool, pre_process: bool, post_process: bool, vp_stage=None):
-        from megatron.core.models.multimodal import llava_model
-        from megatron.core.transformer.enums import ModelType
-
-        vision = self.vision()
-        rope = self.family_model_kwargs()
-        with _vision_encoder_patched(llava_model):
-            model = llava_model.LLaVAModel(
-                language_transformer_config=transformer_config,
-                language_transformer_layer_spec=self.layer_spec(transformer_config, use_te, vp_stage),
-                language_vocab_size=self.padded_vocab_size(),
-                language_max_sequence_length=self.max_position_embeddings,
-                vision_transformer_config=vision.encoder_transformer_config(transformer_config),
-                vision_transformer_layer_spec=vision.encoder_layer_spec(use_te),
-                drop_vision_class_token=True,
-                vision_projection_config=vision.projector_transformer_config(transformer_config),
-                vision_projection_layer_spec=vision.projector_spec(use_te),
-                vision_projection_type=vision.projector_type,
-                share_embeddings_and_output_weights=self.tie_word_embeddings,
-                language_position_embedding_type="rope",
-                language_rotary_base=int(self.rotary_base),
-                language_rope_scaling=rope.get("rope_scaling", False),
-                language_rope_scaling_factor=rope.get("rope_scaling_factor", 8.0),
-                pre_process=pre_process,
-                post_process=post_process,
-                add_encoder=pre_process,  # the encoder runs on the first pipeline stage
-                add_decoder=True,
-                img_h=vision.image_size,
-                img_w=vision.image_size,
-                patch_dim=vision.patch_size,
-                image_token_index=self.image_token_id,
-                vp_stage=vp_stage,
-            )
-        # What Megatron-LM's get_model sets and the schedules read: the encoder shares the first
-        # stage, so the pipeline sees one decoder-like model.
-        model.model_type = ModelType.encoder_or_decoder
-        return model
+        language_model = super().build(transformer_config, use_te, pre_process, post_process, vp_stage)
+        encoders = self.build_encoders(transformer_config, use_te) if pre_process else {}
+        return MultimodalModel(transformer_config, language_model, encoders, self.placeholder_ids())
 
     def num_parameters(self) -> tuple[int, int]:
-        """Language model counts plus the encoder and projector (FLOP estimate; images not counted)."""
         total, embedding = super().num_parameters()
-        v = self.vision()
-        h, f = v.hidden_size, v.ffn_hidden_size
-        encoder = v.num_layers * (4 * h * h + 2 * h * f + 9 * h + f) + 3 * v.patch_size ** 2 * h
-        projector = h * v.projector_ffn_hidden_size + v.projector_ffn_hidden_size * self.hidden_size
-        return total + encoder + projector, embedding
-
-    # ---- HuggingFace mapping: none yet ---------------------------------------------------------
-    @classmethod
-    def from_hf_config(cls, hf: dict):
-        from megatron_mm.checkpoint.hf_rules import HFConversionError
-
-        raise HFConversionError("model.family=llava has no HuggingFace mapping yet")
-
-    def to_hf_config(self) -> dict:
-        return self.from_hf_config({})
-
-    def hf_rules(self) -> list:
-        return self.from_hf_config({})
-
-
-@contextlib.contextmanager
-def _vision_encoder_patched(llava_model):
-    """LLaVAModel builds `CLIPViTModel` from its module globals; build ours (models/vision.py)."""
-    original = llava_model.CLIPViTModel
-    llava_model.CLIPViTModel = vision_encoder_class()
-    try:
-        yield
-    finally:
-        llava_model.CLIPViTModel = original
-
-
-CONFIG_CLASS = LlavaConfig
+        return total + self.encoder_num_parameters(), embedding

@@ -13,7 +13,7 @@ FAMILIES = {
     "qwen3_moe": "megatron_mm.models.qwen3_moe",
     "mixtral": "megatron_mm.models.mixtral",
     "deepseek_v3": "megatron_mm.models.deepseek",
-    "llava": "megatron_mm.models.multimodal",
+    "llava": "megatron_mm.models.llava",
 }
 
 

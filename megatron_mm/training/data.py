@@ -12,15 +12,18 @@ import torch
 
 from megatron_mm.config import Config
 
+# Stacked per sample; every other key of a sample is media (images, patches, audio features) with a
+# leading item dimension, concatenated over the micro-batch (models/multimodal.py reads them).
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
-MM_BATCH_KEYS = ("images",)  # pixel tensors [3, H, W], one per sample (multimodal families)
 
 
 def build_datasets(cfg: Config, tokenizer, num_samples: tuple[int, int, int]):
     """(train, valid, test) GPT datasets; valid/test may be None."""
     from megatron_mm.data.gpt_data import build_gpt_datasets
 
-    if hasattr(cfg.model, "num_image_embeddings"):  # multimodal families
+    from megatron_mm.models.multimodal import MultimodalFamily
+
+    if isinstance(cfg.model, MultimodalFamily) and cfg.data.mock:
         from megatron_mm.data.mock_image_caption import build_mock_image_caption_datasets
 
         return build_mock_image_caption_datasets(cfg, num_samples)
@@ -55,5 +58,7 @@ class MicroBatches:
         start = self.next_sample + self.dp_rank * self.micro_batch_size
         samples = [self.dataset[(start + i) % len(self.dataset)] for i in range(self.micro_batch_size)]
         self.next_sample += self.micro_batch_size * self.dp_size
-        keys = [key for key in (*BATCH_KEYS, *MM_BATCH_KEYS) if key in samples[0]]
-        return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in keys}
+        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in BATCH_KEYS}
+        for key in samples[0].keys() - batch.keys():
+            batch[key] = torch.cat([torch.as_tensor(s[key]) for s in samples])
+        return batch

@@ -24,7 +24,7 @@ from megatron_mm.checkpoint.dist_ckpt import (
 )
 from megatron_mm.config import Config, ConfigError, load_config
 from megatron_mm.moe.balancing import ExpertBalancing
-from megatron_mm.training.data import MicroBatches, build_datasets
+from megatron_mm.training.data import BATCH_KEYS, MicroBatches, build_datasets
 from megatron_mm.training.metrics import TrainingLogger, cuda_peak_tflops, flops_per_token
 
 
@@ -235,12 +235,18 @@ def forward_step(data_iterator, model):
     batch = next(data_iterator)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-    if "images" in batch:  # LLaVAModel: the loss mask comes back widened to text + image positions
-        output, loss_mask = model(batch["images"], batch["tokens"], batch["position_ids"], None,
-                                  labels=batch["labels"], loss_mask=batch["loss_mask"])
-        return output, functools.partial(loss_func, loss_mask)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, functools.partial(loss_func, batch["loss_mask"])
+    return model_forward(model, batch, with_labels=True), functools.partial(loss_func, batch["loss_mask"])
+
+
+def model_forward(model, batch: dict, with_labels: bool):
+    """Per-token losses [B, S] (with labels) or logits [B, S, V], aligned with batch["tokens"].
+    Keys beyond BATCH_KEYS are media for a multimodal model."""
+    position_ids = batch["position_ids"]
+    if position_ids.dim() == 3:  # M-RoPE: [B, 3, S] -> [3, B, S]
+        position_ids = position_ids.transpose(0, 1).contiguous()
+    media = {key: value for key, value in batch.items() if key not in BATCH_KEYS}
+    labels = batch["labels"] if with_labels else None
+    return model(batch["tokens"], position_ids, None, labels=labels, **media)
 
 
 def loss_func(loss_mask, per_token_loss):

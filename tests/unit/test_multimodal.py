@@ -1,4 +1,5 @@
-"""The LLaVA-style family (models/multimodal.py, models/vision.py) on one process.
+"""The multimodal model (models/multimodal.py) through the LLaVA-style family (models/llava.py,
+models/vision.py) on one process.
 
 Config, validation and the generated image-caption samples are checked in this process. The model
 checks build megatron-core modules, which needs torch.distributed and the CPU patches of
@@ -23,7 +24,7 @@ TINY_LLAVA = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tin
 
 def test_config_is_a_llama_language_model_plus_a_vision_encoder():
     from megatron_mm.models.llama import LlamaConfig
-    from megatron_mm.models.multimodal import LlavaConfig
+    from megatron_mm.models.llava import LlavaConfig
 
     cfg = load_config(TINY_LLAVA)
     assert isinstance(cfg.model, LlavaConfig) and isinstance(cfg.model, LlamaConfig)
@@ -46,8 +47,8 @@ def test_llama_hf_architecture_still_maps_to_llama():
      "vision num_attention_heads=3 is not divisible by parallel.tp=2"),
     (1, ["model.vision_patch_size=5"], "vision image_size=32 is not divisible by patch_size=5"),
     (2, ["parallel.pp=2", "parallel.vpp=2"], "does not support parallel.vpp"),
-    (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], "need Transformer Engine"),
     (1, ["model.max_position_embeddings=16"], "leaves no room for text"),
+    (1, ["model.image_token_id=256"], "model.image_token_id=256 is outside the vocabulary"),
 ])
 def test_layout_problems_name_the_field(world, overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -62,27 +63,28 @@ def test_generated_samples_fill_the_sequence_and_caption_the_image():
     train, valid, test = build_datasets(cfg, None, (8, 4, 0))
     assert (len(train), len(valid), test) == (8, 4, None)
     sample = train[0]
-    text_length = cfg.data.seq_length - cfg.model.num_image_embeddings + 1
-    assert sample["tokens"].shape == sample["labels"].shape == sample["loss_mask"].shape == (text_length,)
-    assert sample["images"].shape == (3, 32, 32) and -1 <= sample["images"].min() < sample["images"].max() <= 1
-    assert (sample["tokens"] == cfg.model.image_token_id).sum() == 1 and sample["tokens"][1] == cfg.model.image_token_id
-    assert sample["loss_mask"][:2].sum() == 0  # no loss predicting the image or the prompt
+    n_img, image_id = cfg.model.num_image_embeddings, cfg.model.image_token_id
+    assert sample["tokens"].shape == sample["labels"].shape == sample["loss_mask"].shape == (cfg.data.seq_length,)
+    assert sample["images"].shape == (1, 3, 32, 32) and -1 <= sample["images"].min() < sample["images"].max() <= 1
+    # one placeholder per image embedding, right after bos
+    assert (sample["tokens"] == image_id).sum() == n_img and (sample["tokens"][1 : 1 + n_img] == image_id).all()
+    assert sample["loss_mask"][: 1 + n_img].sum() == 0  # no loss predicting placeholders or the prompt
     assert torch.equal(train[3]["tokens"], train[3]["tokens"]) and torch.equal(train[3]["images"], train[3]["images"])
     batch = next(MicroBatches(train, 0, 2, 0, 1))
     assert sorted(batch) == ["images", "labels", "loss_mask", "position_ids", "tokens"]
-    assert batch["images"].shape == (2, 3, 32, 32)
+    assert batch["images"].shape == (2, 3, 32, 32) and batch["tokens"].shape == (2, cfg.data.seq_length)
     # Same caption <=> same drawing attributes: different captions come with different images.
     captions = {tuple(train[i]["tokens"].tolist()): train[i]["images"] for i in range(8)}
     assert len(captions) > 1
 
 
-def test_mm_data_needs_mock_and_a_matching_sequence():
+def test_mm_data_needs_mock_and_fits_positions():
     from megatron_mm.training.data import build_datasets
 
-    with pytest.raises(ConfigError, match="data.mock=true"):
-        build_datasets(load_config(TINY_LLAVA, ["data.mock=false"]), None, (8, 0, 0))
-    with pytest.raises(ConfigError, match="equal with parallel.pp > 1"):
-        build_datasets(load_config(TINY_LLAVA, ["parallel.pp=2", "model.max_position_embeddings=64"]), None, (8, 0, 0))
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        build_datasets(load_config(TINY_LLAVA, ["data.seq_length=64"]), None, (8, 0, 0))
+    with pytest.raises(ValueError, match="collides with the caption ids"):
+        build_datasets(load_config(TINY_LLAVA, ["model.image_token_id=5"]), None, (8, 0, 0))
 
 
 def _run_model_checks() -> dict:
@@ -101,17 +103,17 @@ def model_checks() -> dict:
 
 def test_forward_backward_shapes(model_checks):
     c = model_checks
-    assert c["loss_shape"] == [2, 32]  # text - 1 placeholder + 16 image embeddings
-    assert c["loss_mask_shape"] == [2, 32]
-    assert c["image_positions_masked"] and c["mask_sum_kept"]
-    assert c["grads"] == {"vision_model": True, "vision_projection": True, "language_model": True}
+    assert c["loss_shape"] == [2, 32]  # the token positions: placeholders are expanded in the text
+    assert c["grads"] == {"encoders.image.encoder": True, "encoders.image.projector": True, "language_model": True}
 
 
-def test_loss_depends_on_the_image(model_checks):
+def test_placeholders_carry_the_image(model_checks):
     c = model_checks
     assert c["relative_change_sample0"] > 1e-4  # other pixels in sample 0: its loss moves
     assert c["relative_change_sample1"] == 0.0  # sample 1's image untouched: its loss is not
-    assert c["text_before_image_unchanged"]  # causal: the token before the image cannot see it
+    assert c["text_before_image_unchanged"]  # causal: bos cannot see the image
+    assert c["placeholder_rows_are_projected_patches"]
+    assert "gave 32 embeddings for 31 placeholder tokens" in c["count_mismatch_error"]
 
 
 def _model_checks_main() -> None:
@@ -119,6 +121,7 @@ def _model_checks_main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from megatron_mm.runtime import init_distributed, set_seed, transformer_engine_available
     from megatron_mm.training.data import MicroBatches, build_datasets
+    from megatron_mm.training.pretrain import model_forward
 
     cfg = load_config(TINY_LLAVA)
     init_distributed()
@@ -128,31 +131,37 @@ def _model_checks_main() -> None:
     model = cfg.model.build(tconfig, use_te, pre_process=True, post_process=True)
     train, _, _ = build_datasets(cfg, None, (8, 0, 0))
     batch = next(MicroBatches(train, 0, 2, 0, 1))
+    mask = batch["loss_mask"]
 
-    def run(images):
-        return model(images, batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                     loss_mask=batch["loss_mask"])
-
-    loss, loss_mask = run(batch["images"])
-    (loss * loss_mask).sum().backward()
-    grads = {name: all(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(model, name).parameters())
-             for name in ("vision_model", "vision_projection", "language_model")}
-    n_img = cfg.model.num_image_embeddings
+    loss = model_forward(model, batch, with_labels=True)
+    (loss * mask).sum().backward()
+    grads = {name: all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.get_submodule(name).parameters())
+             for name in ("encoders.image.encoder", "encoders.image.projector", "language_model")}
     with torch.no_grad():
-        other = batch["images"].clone()
-        other[0] = -other[0]  # sample 0 gets other pixels
-        loss2, _ = run(other)
-    per_sample = (loss * loss_mask).sum(dim=1).detach()
-    per_sample2 = (loss2 * loss_mask).sum(dim=1)
+        other = dict(batch, images=batch["images"].clone())
+        other["images"][0] = -other["images"][0]  # sample 0 gets other pixels
+        loss2 = model_forward(model, other, with_labels=True)
+        # the decoder input at placeholder positions is the encoder's output, in order
+        embedded = model._embed(batch["tokens"], {"images": batch["images"]}).transpose(0, 1)
+        rows = model.encoders["image"](batch["images"])
+        placeholders = batch["tokens"] == cfg.model.image_token_id
+        rows_match = torch.equal(embedded[placeholders], rows)
+        try:
+            broken = dict(batch, tokens=batch["tokens"].clone())
+            broken["tokens"][0, 1] = 3
+            model_forward(model, broken, with_labels=True)
+            mismatch = ""
+        except ValueError as err:
+            mismatch = str(err)
+    per_sample, per_sample2 = (loss * mask).sum(dim=1).detach(), (loss2 * mask).sum(dim=1)
     print(json.dumps({
         "loss_shape": list(loss.shape),
-        "loss_mask_shape": list(loss_mask.shape),
-        "image_positions_masked": bool(loss_mask[:, 1 : 1 + n_img].sum() == 0),
-        "mask_sum_kept": bool(loss_mask.sum() == batch["loss_mask"].sum()),
         "grads": grads,
         "relative_change_sample0": abs((per_sample2[0] - per_sample[0]) / per_sample[0]).item(),
         "relative_change_sample1": abs((per_sample2[1] - per_sample[1]) / per_sample[1]).item(),
         "text_before_image_unchanged": bool(torch.equal(loss[:, 0].detach(), loss2[:, 0])),
+        "placeholder_rows_are_projected_patches": rows_match,
+        "count_mismatch_error": mismatch,
     }))
 
 
