@@ -39,6 +39,16 @@ class MultimodalModel(MegatronModule):
     def shared_embedding_or_output_weight(self):
         return self.language_model.shared_embedding_or_output_weight()
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
+        # MegatronModule's default would reach the encoders through the plain ModuleDict and save
+        # their tensor-parallel shards as if replicated; each encoder shards itself instead.
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        state = self.language_model.sharded_state_dict(f"{prefix}language_model.", sharded_offsets, metadata)
+        for name, encoder in self.encoders.items():
+            state.update(sharded_state_dict_default(encoder, f"{prefix}encoders.{name}.", sharded_offsets, metadata))
+        return state
+
     def forward(self, tokens, position_ids, attention_mask=None, labels=None, **media):
         """Per-token losses [B, S] with labels, else logits [B, S, V] (last stage); hidden states
         on other stages. position_ids are [B, S], or [3, B, S] for M-RoPE."""
