@@ -4,6 +4,7 @@ HF parity check (tools/check_hf_parity.py) and the conversion tests."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -39,8 +40,10 @@ def cross_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> float:
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1)).item()
 
 
-def our_logits(checkpoint: str | Path, tokens: torch.Tensor, tp: int = 1, pp: int = 1, ep: int = 1) -> torch.Tensor:
+def our_logits(checkpoint: str | Path, tokens: torch.Tensor, tp: int = 1, pp: int = 1, ep: int = 1,
+               media: Optional[dict] = None, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Our model's fp32 logits for `tokens` [batch, seq], unpadded vocabulary, on every rank.
+    A multimodal model also takes its `media` tensors and, for M-RoPE, `position_ids` [3, batch, seq].
 
     Collective: every rank of a world of `parity_world_size(tp, pp, ep)` calls it (a plain process
     is a world of one). Starts and ends megatron-core's parallel state itself.
@@ -87,7 +90,11 @@ def our_logits(checkpoint: str | Path, tokens: torch.Tensor, tp: int = 1, pp: in
             chunk.eval()
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         tokens_dev = tokens.to(device)
-        positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, -1)
+        if position_ids is None:
+            positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, -1)
+        else:
+            positions = position_ids.to(device)
+        media_dev = {key: value.to(device) for key, value in (media or {}).items()}
 
         def keep_logits(logits):
             full = gather_from_tensor_model_parallel_region(logits)
@@ -96,7 +103,7 @@ def our_logits(checkpoint: str | Path, tokens: torch.Tensor, tp: int = 1, pp: in
         def forward_step(data_iterator, chunk):
             module = unwrap_model(chunk)
             if not module.config.mtp_num_layers:
-                return chunk(tokens_dev, positions, None), keep_logits
+                return chunk(tokens_dev, positions, None, **media_dev), keep_logits
             # megatron-core's multi-token prediction needs labels, and given labels the model returns
             # its loss: take the main head's logits, the output layer's last call (the MTP heads' come
             # first), copied since the loss overwrites them in place.

@@ -253,6 +253,19 @@ class Qwen2VLImageEncoder(MegatronModule):
             merger_config, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
             "mlp", vision.merged_dim)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
+        # The default would save the layer list and the merger (plain containers) as replicated;
+        # each megatron-core piece shards its own tensor-parallel weights instead.
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        parts = {"patch_embed": self.patch_embed, "merger.norm": self.merger.norm,
+                 "merger.projector": self.merger.projector,
+                 **{f"layers.{i}": layer for i, layer in enumerate(self.layers)}}
+        state = {}
+        for name, module in parts.items():
+            state.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+        return state
+
     def rotary_frequencies(self, coords: torch.Tensor) -> torch.Tensor:
         """[n, 1, 1, head_dim] angles: rows turn the first quarter of each half, columns the second."""
         quarter = self.vision.head_dim // 4

@@ -14,6 +14,8 @@ FAMILIES = {
     "mixtral": "megatron_mm.models.mixtral",
     "deepseek_v3": "megatron_mm.models.deepseek",
     "llava": "megatron_mm.models.llava",
+    "qwen2_vl": "megatron_mm.models.qwen2_vl",
+    "qwen2_5_vl": "megatron_mm.models.qwen2_5_vl",
 }
 
 
