@@ -2,7 +2,7 @@
 //
 // One thread routes one token with the same per-token code as the CPU (router_token in
 // router.h), so both devices pick the same experts. Counts go through a shared-memory block
-// histogram while the bins fit, as in load_balance.cu.
+// histogram while the bins fit, as in load_balance_cuda.cu.
 #include "router.h"
 
 #include <algorithm>
