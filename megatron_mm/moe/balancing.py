@@ -39,8 +39,10 @@ class ExpertBalancing:
         # With pad-to-capacity the routing map holds padding slots, so kept - routed is no drop count.
         self.counts_drops = not transformer_config.moe_pad_expert_input_to_capacity
         num_experts = transformer_config.num_moe_experts or 0
-        self._kept = torch.zeros(len(self.routers), num_experts)
-        self._routed = torch.zeros(len(self.routers))
+        # On the device the collective runs on (NCCL reduces CUDA tensors only).
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        self._kept = torch.zeros(len(self.routers), num_experts, device=device)
+        self._routed = torch.zeros(len(self.routers), device=device)
         for index, (_, router) in enumerate(self.routers):
             router.register_forward_hook(self._count_load(index))
         self.last: dict | None = None  # statistics of the latest step
@@ -64,7 +66,7 @@ class ExpertBalancing:
             return finalize_model_grads(model, num_tokens, *args, **kwargs)
         parts = [self._kept, self._routed[:, None]]
         if self.fused_update:
-            parts.append(torch.stack([router.local_tokens_per_expert.float().cpu() for router in self.biased]))
+            parts.append(torch.stack([router.local_tokens_per_expert.to(self._kept) for router in self.biased]))
         totals = torch.cat([p.reshape(-1) for p in parts])
         group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
         torch.distributed.all_reduce(totals, group=group)  # one reduction for statistics and update
@@ -85,7 +87,8 @@ class ExpertBalancing:
         biases = {name: router.expert_bias.detach().cpu() for name, router in self.routers
                   if router.expert_bias is not None}
         dropped = (routed * self.topk - kept.sum(dim=1)).clamp(min=0) if self.counts_drops else None
-        self.last = {"tokens_per_expert": kept.clone(), "dropped": dropped, "expert_bias": biases}
+        self.last = {"tokens_per_expert": kept.cpu(), "dropped": None if dropped is None else dropped.cpu(),
+                     "expert_bias": biases}
         self.imbalance_history.append(self._max_over_mean(kept).mean().item())
 
     @staticmethod

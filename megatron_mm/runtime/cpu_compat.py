@@ -139,10 +139,6 @@ def _patch_megatron() -> None:
         lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
     )
 
-    # moe/moe_utils.py: the router gating path refers to te_general_gemm, undefined without TE.
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
     # moe/moe_utils.py maybe_move_tensor_to_cpu only converts CUDA tensors; all_to_all_single on
     # gloo needs the alltoall split sizes as Python lists / numpy.
     original_move = moe_utils.maybe_move_tensor_to_cpu
@@ -217,10 +213,22 @@ def _enter_mode_in_custom_backward(mode: TorchFunctionMode) -> None:
     BackwardCFunction.apply = apply_with_mode
 
 
+def _patch_megatron_without_te() -> None:
+    """megatron-core 0.16.1 bugs that show without Transformer Engine on any device."""
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    # The router gating path refers to te_general_gemm, undefined without TE.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def apply_cpu_compat() -> None:
-    """Apply every CPU patch once. A no-op when CUDA is available."""
+    """Apply every CPU patch once (only the TE-absence fixes when CUDA is available)."""
     global _APPLIED
-    if _APPLIED or torch.cuda.is_available():
+    if _APPLIED:
+        return
+    _patch_megatron_without_te()
+    if torch.cuda.is_available():
         return
     _patch_torch_cuda()
     _patch_megatron()
