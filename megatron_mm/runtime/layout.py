@@ -68,6 +68,10 @@ def validate_layout(cfg: Config, world_size: int, have_te: bool) -> None:
         )
     if m.vocab_size is not None and m.padded_vocab_size() % p.tp:
         raise ConfigError(f"padded vocabulary {m.padded_vocab_size()} is not divisible by parallel.tp={p.tp}")
+    decay_iters = t.lr_decay_iters or t.train_iters
+    if t.lr_warmup_iters >= decay_iters:  # megatron-core's scheduler asserts it
+        raise ConfigError(f"train.lr_warmup_iters={t.lr_warmup_iters} must be below the decay length "
+                          f"{decay_iters} (train.lr_decay_iters, default train.train_iters)")
     if t.lr_decay_style == "WSD" and t.lr_wsd_decay_iters is None:
         raise ConfigError("train.lr_decay_style=WSD needs train.lr_wsd_decay_iters")
     for message in m.validate(p):

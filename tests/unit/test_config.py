@@ -76,6 +76,7 @@ def test_every_example_config_loads(name):
     (1, ["data.mock=false"], "data.blend is empty"),
     # experts are split ep ways and, within that, tp ways: 4 ranks cannot hold tp2 x pp2 x ep2
     (4, ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2"], "ep*tp = 2*2 does not divide the 2 ranks of a pipeline stage"),
+    (1, ["train.lr_warmup_iters=10", "train.train_iters=10"], "train.lr_warmup_iters=10 must be below the decay length 10"),
 ])
 def test_layout_errors(world, overrides, message):
     cfg = load_config(TINY, overrides)
