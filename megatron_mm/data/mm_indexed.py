@@ -369,6 +369,32 @@ class MMIndexedDataset:
         entries = self._media[first:first + int(sample["media_count"])]
         return MMSample(tokens, [self._media_record(entry) for entry in entries])
 
+    def num_tokens(self, index: int) -> int:
+        return int(self._samples[index]["token_count"])
+
+    def media_sizes(self, index: int) -> list[tuple[str, int, tuple[int, int]]]:
+        """(kind, position, size) of each media record of sample `index`, read without decoding pixels
+        or samples: images (height, width) from the file header, audio (frames, sample rate) from the
+        WAV header. Audio stored as an array is taken to be 16 kHz."""
+        sample = self._samples[index]
+        first = int(sample["media_start"])
+        return [(KINDS[entry["kind"]], int(entry["position"]), self._media_size(entry))
+                for entry in self._media[first:first + int(sample["media_count"])]]
+
+    def _media_size(self, entry: numpy.void) -> tuple[int, int]:
+        kind = KINDS[entry["kind"]]
+        if entry["encoding"] == ARRAY:
+            first, second = int(entry["shape"][0]), int(entry["shape"][1])
+            return (first, second) if kind == "image" else (first, 16000)
+        data = io.BytesIO(self._bin[int(entry["offset"]):int(entry["offset"]) + int(entry["nbytes"])])
+        if kind == "image":
+            from PIL import Image
+
+            with Image.open(data) as image:  # reads the header only
+                return image.height, image.width
+        with wave.open(data, "rb") as clip:
+            return clip.getnframes(), clip.getframerate()
+
     def _media_record(self, entry: numpy.void) -> MediaRecord:
         data = self._bin[int(entry["offset"]):int(entry["offset"]) + int(entry["nbytes"])]
         if entry["encoding"] == ARRAY:
