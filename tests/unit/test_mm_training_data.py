@@ -2,11 +2,13 @@
 checked against each sample decoded and expanded alone from its original pixels and waveforms."""
 
 import io
+import json
 import math
 import subprocess
 import sys
 import wave
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy
 import pytest
@@ -36,7 +38,8 @@ class TinyImageProcessor:
         padded = numpy.zeros((rows * PATCH, cols * PATCH, 3), numpy.float32)
         padded[:height, :width] = image / 255.0
         patches = torch.from_numpy(padded).reshape(rows, PATCH, cols, PATCH, 3).permute(0, 2, 1, 3, 4)
-        return {"patches": patches.reshape(rows * cols, -1), "image_sizes": torch.tensor([[height, width]])}, rows * cols
+        media = {"patches": patches.reshape(rows * cols, -1), "image_sizes": torch.tensor([[height, width]])}
+        return media, rows * cols
 
     def num_placeholders(self, height, width):
         return math.ceil(height / PATCH) * math.ceil(width / PATCH)
@@ -165,34 +168,25 @@ def sources(tmp_path_factory):
     return {name: (write_source(root / name, specs), specs) for name, specs in made.items()}
 
 
-def split_sequence(sequence, members):
-    """The per-sample slices of a packed sequence (text keys) and of its media (rows by key)."""
-    parts, start, rows = [], 0, {key: 0 for key in sequence if key not in mm_training.TEXT_KEYS}
-    for _, _, length in members:
-        part = {key: sequence[key][..., start:start + length] for key in mm_training.TEXT_KEYS}
-        parts.append(part)
-        start += length
-    return parts, start, rows
-
-
 def assert_matches_reference(dataset, specs_of_source, position_ids_fn=None):
     """Every sequence: each packed sample equals the sample alone, media rows in order, padding inert."""
     for index in range(len(dataset)):
-        sequence, members = dataset[index], dataset.members(index)
-        assert all(value.shape[-1] == SEQ_LENGTH for key, value in sequence.items() if key in mm_training.TEXT_KEYS)
-        parts, used, rows = split_sequence(sequence, members)
-        assert used <= SEQ_LENGTH
-        for (source, sample, length), part in zip(members, parts):
+        sequence, start = dataset[index], 0
+        rows = {key: 0 for key in sequence if key not in mm_training.TEXT_KEYS}  # media rows matched so far
+        assert all(sequence[key].shape[-1] == SEQ_LENGTH for key in mm_training.TEXT_KEYS)
+        for source, sample, length in dataset.members(index):
             expected = reference_sample(specs_of_source[source][sample], position_ids_fn, max_length=length)
             for key in mm_training.TEXT_KEYS:
-                assert torch.equal(part[key], expected[key].to(part[key].dtype)), (index, sample, key)
+                packed = sequence[key][..., start:start + length]
+                assert torch.equal(packed, expected[key].to(packed.dtype)), (index, sample, key)
             for key in rows:
                 count = len(expected.get(key, ()))
-                if count:
-                    assert torch.equal(sequence[key][rows[key]:rows[key] + count], expected[key]), (index, key)
+                assert torch.equal(sequence[key][rows[key]:rows[key] + count], expected.get(key, sequence[key][:0]))
                 rows[key] += count
+            start += length
+        assert start <= SEQ_LENGTH
         assert rows == {key: len(sequence[key]) for key in rows}  # no media beyond the packed samples'
-        assert (sequence["tokens"][used:] == PAD).all() and (sequence["loss_mask"][used:] == 0).all()
+        assert (sequence["tokens"][start:] == PAD).all() and (sequence["loss_mask"][start:] == 0).all()
 
 
 def test_packed_sequences_equal_samples_alone_and_follow_first_fit(sources):
@@ -345,7 +339,7 @@ def test_round_trip_from_preprocess_tool_on_the_synthetic_set(tmp_path, media_fo
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     manifest = synthetic_mm.write_synthetic_set(str(tmp_path / "synthetic"), 12, 6, seed=3)
-    records = [__import__("json").loads(line) for line in manifest.read_text().splitlines()]
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.train_from_iterator([r["text"] for r in records],
@@ -360,10 +354,13 @@ def test_round_trip_from_preprocess_tool_on_the_synthetic_set(tmp_path, media_fo
                     "--no-progress"], check=True, capture_output=True, cwd=REPO)
 
     image_id, audio_id = tokenizer.token_to_id("<img>"), tokenizer.token_to_id("<aud>")
-    processors = {"image": TinyImageProcessor(), "audio": TinyAudioProcessor()}
-    processors["image"].placeholder_id, processors["audio"].placeholder_id = image_id, audio_id
-    train, _, _ = build_mm_datasets(make_config([str(prefix)]), processors, (6, 0, 0),
-                                    pad_token_id=tokenizer.token_to_id("<pad>"))
+    processors = [TinyImageProcessor(), TinyAudioProcessor()]
+    for processor in processors:  # the ids come from the model config instead
+        processor.placeholder_id = None
+    cfg = make_config([str(prefix)])
+    cfg.model = SimpleNamespace(placeholder_ids=lambda: {"image": image_id, "audio": audio_id})
+    train, _, _ = build_mm_datasets(cfg, processors, (6, 0, 0), pad_token_id=tokenizer.token_to_id("<pad>"))
+    processors = dict(zip(("image", "audio"), processors))
     eod = tokenizer.token_to_id("<|endoftext|>")
     for index in range(len(train)):
         sequence, start, image_rows, audio_rows = train[index], 0, 0, 0
