@@ -1,12 +1,19 @@
-"""The vision side of a LLaVA-style model: a CLIP ViT encoder and the MLP projector into the
-language model's hidden size, both megatron-core modules (CLIPViTModel, MultimodalProjector).
+"""Fixed-resolution vision encoders (CLIP and SigLIP ViTs) and the projectors from their width into
+the language model's: MLP / affine (LLaVA) and a learned-query resampler. All megatron-core modules
+(CLIPViTModel, MultimodalProjector, TransformerBlock with CrossAttention); MegatronModules, so
+that dist-checkpoints shard their tensor-parallel weights.
 
-megatron-core 0.16.1's own pieces are used as they are, with two CPU-side corrections:
+megatron-core 0.16.1's pieces are used as they are, with two CPU-side corrections:
 - its local ViT layer spec uses a causal mask; a ViT attends both ways (the TE spec says no_mask),
   so the local spec here uses no_mask too and both backends compute the same encoder;
-- without Transformer Engine, CLIPViTModel's default ln_pre is torch.nn.LayerNorm, which
+- without Transformer Engine, CLIPViTModel's default norms are torch.nn.LayerNorm, which
   build_module cannot construct (it passes config=); VisionEncoder swaps in megatron-core's
   WrappedTorchNorm (a LayerNorm taking the config).
+
+CLIP: class token, conv without bias, a LayerNorm before the layers, quick GELU. SigLIP: no class
+token, conv with bias, a LayerNorm after the layers, tanh-approximated GELU. `num_layers` is the
+number of layers built and run: a LLaVA model that reads the hidden states of an inner layer builds
+only the layers up to it (`layers_up_to`), and then has no final norm either.
 """
 
 from __future__ import annotations
@@ -15,6 +22,27 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_mm.checkpoint.hf_rules import Rule, fused_qkv, same
+
+ENCODER_TYPES = ("clip", "siglip")
+PROJECTOR_TYPES = ("mlp", "affine", "resampler")
+ACTIVATIONS = ("quick_gelu", "gelu_tanh", "gelu")
+DEFAULT_ACTIVATION = {"clip": "quick_gelu", "siglip": "gelu_tanh"}
+# transformers' hidden_act names -> ours
+HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                  "gelu": "gelu"}
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def activation_function(name: str):
+    from megatron.core.activations import quick_gelu
+
+    return {"quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh, "gelu": torch.nn.functional.gelu}[name]
 
 
 @dataclass
@@ -22,56 +50,89 @@ class VisionEncoderConfig:
     image_size: int = 32  # square images, pixels
     patch_size: int = 8
     hidden_size: int = 64  # ViT width
-    num_layers: int = 2
+    num_layers: int = 2  # layers built and run
     num_attention_heads: int = 4
     ffn_hidden_size: int = 256
     norm_epsilon: float = 1e-5
     projector_ffn_hidden_size: int = 128  # hidden width of the 2-layer MLP projector
-    projector_type: str = "mlp"  # mlp (LLaVA-1.5) | affine
+    projector_type: str = "mlp"  # mlp (LLaVA-1.5) | affine | resampler
+    encoder_type: str = "clip"  # clip | siglip
+    activation: str = ""  # quick_gelu | gelu_tanh | gelu; empty: the encoder type's own
+    post_layernorm: bool = True  # SigLIP's norm after the layers (LLaVA reads the states before it)
+    # resampler: learned queries cross-attending to the encoder's tokens, a fixed count per image
+    resampler_num_queries: int = 16
+    resampler_num_layers: int = 1
+    resampler_num_attention_heads: int = 4
+    resampler_ffn_hidden_size: int = 256
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def has_class_token(self) -> bool:
+        return self.encoder_type == "clip"
+
+    @property
+    def activation_name(self) -> str:
+        return self.activation or DEFAULT_ACTIVATION.get(self.encoder_type, "")
+
+    @property
     def num_image_embeddings(self) -> int:
         """Embeddings one image contributes to the language sequence (class token dropped)."""
-        return self.num_patches
+        return self.resampler_num_queries if self.projector_type == "resampler" else self.num_patches
+
+    @staticmethod
+    def layers_up_to(feature_layer: int, total_layers: int) -> int:
+        """Layers to run so that the output is hidden state `feature_layer` of a `total_layers`
+        tower, counted as transformers does: state 0 enters layer 0, state i leaves layer i-1, and
+        negative indices count from the last state (-1 = the last layer's output)."""
+        layers = feature_layer if feature_layer >= 0 else total_layers + 1 + feature_layer
+        if not 1 <= layers <= total_layers:
+            raise ValueError(f"feature layer {feature_layer} of a {total_layers}-layer encoder runs no layer")
+        return layers
 
     def validate(self, parallel) -> list[str]:
         problems = []
+        if self.encoder_type not in ENCODER_TYPES:
+            problems.append(f"vision encoder_type={self.encoder_type!r} is not one of {', '.join(ENCODER_TYPES)}")
+        if self.activation_name not in ACTIVATIONS:
+            problems.append(f"vision activation={self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        if self.projector_type not in PROJECTOR_TYPES:
+            problems.append(f"vision projector_type={self.projector_type!r} is not one of {', '.join(PROJECTOR_TYPES)}")
         if self.image_size % self.patch_size:
             problems.append(f"vision image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
-        if self.hidden_size % self.num_attention_heads:
-            problems.append(f"vision hidden_size={self.hidden_size} is not divisible by its "
-                            f"num_attention_heads={self.num_attention_heads}")
-        for name, value in (("num_attention_heads", self.num_attention_heads),
-                            ("ffn_hidden_size", self.ffn_hidden_size),
-                            ("projector_ffn_hidden_size", self.projector_ffn_hidden_size)):
+        if self.num_layers < 1:
+            problems.append(f"vision num_layers={self.num_layers}: the encoder needs at least one layer")
+        widths = [("", self.hidden_size, self.num_attention_heads)]
+        divisible = [("num_attention_heads", self.num_attention_heads), ("ffn_hidden_size", self.ffn_hidden_size)]
+        if self.projector_type == "mlp":
+            divisible.append(("projector_ffn_hidden_size", self.projector_ffn_hidden_size))
+        if self.projector_type == "resampler":
+            widths.append(("resampler_", self.hidden_size, self.resampler_num_attention_heads))
+            divisible += [("resampler_num_attention_heads", self.resampler_num_attention_heads),
+                          ("resampler_ffn_hidden_size", self.resampler_ffn_hidden_size)]
+            if self.resampler_num_queries < 1 or self.resampler_num_layers < 1:
+                problems.append("vision resampler_num_queries and resampler_num_layers must be positive")
+        for prefix, width, heads in widths:
+            if width % heads:
+                problems.append(f"vision hidden_size={width} is not divisible by its "
+                                f"{prefix}num_attention_heads={heads}")
+        for name, value in divisible:
             if value % parallel.tp:
                 problems.append(f"vision {name}={value} is not divisible by parallel.tp={parallel.tp}")
-        if self.projector_type not in ("mlp", "affine"):
-            problems.append(f"vision projector_type={self.projector_type!r} is not one of mlp, affine")
         return problems
 
     # ---- megatron-core configs and specs ---------------------------------------------------------
-    def encoder_transformer_config(self, language_config):
-        """The ViT's TransformerConfig: the language config's precision and TP, its own shape, no PP
-        (the whole encoder lives on the first pipeline stage)."""
-        from megatron.core.activations import quick_gelu
-
-        config = dataclasses.replace(
+    def _encoder_side_config(self, language_config, **fields):
+        """The language config's precision and TP with an encoder-side shape; no PP, SP or CP (the
+        encoders live whole on the first pipeline stage)."""
+        return dataclasses.replace(
             language_config,
-            num_layers=self.num_layers,
             hidden_size=self.hidden_size,
-            ffn_hidden_size=self.ffn_hidden_size,
-            num_attention_heads=self.num_attention_heads,
-            num_query_groups=self.num_attention_heads,
-            kv_channels=self.hidden_size // self.num_attention_heads,
             layernorm_epsilon=self.norm_epsilon,
             normalization="LayerNorm",
             gated_linear_unit=False,
-            activation_func=quick_gelu,
             add_bias_linear=True,
             add_qkv_bias=True,
             qk_layernorm=False,
@@ -81,12 +142,26 @@ class VisionEncoderConfig:
             virtual_pipeline_model_parallel_size=None,
             sequence_parallel=False,
             context_parallel_size=1,
+            **fields,
         )
-        config.vision_model_type = "clip"  # read by LLaVAModel
+
+    def encoder_transformer_config(self, language_config):
+        """The ViT's TransformerConfig."""
+        config = self._encoder_side_config(
+            language_config,
+            num_layers=self.num_layers,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_attention_heads,
+            kv_channels=self.hidden_size // self.num_attention_heads,
+            activation_func=activation_function(self.activation_name),
+        )
+        config.vision_model_type = self.encoder_type  # read by VisionEncoder (and megatron-core's LLaVAModel)
+        config.vision_post_layernorm = self.post_layernorm  # read by VisionEncoder
         return config
 
     def projector_transformer_config(self, language_config):
-        """The projector maps ViT width -> ffn -> the language model's hidden size."""
+        """The MLP projector maps ViT width -> ffn -> the language model's hidden size."""
         return dataclasses.replace(
             language_config,
             ffn_hidden_size=self.projector_ffn_hidden_size,
@@ -98,6 +173,18 @@ class VisionEncoderConfig:
             virtual_pipeline_model_parallel_size=None,
             sequence_parallel=False,
             context_parallel_size=1,
+        )
+
+    def resampler_transformer_config(self, language_config):
+        """The resampler's layers work at the ViT's width; only its output layer reaches the language's."""
+        return self._encoder_side_config(
+            language_config,
+            num_layers=self.resampler_num_layers,
+            ffn_hidden_size=self.resampler_ffn_hidden_size,
+            num_attention_heads=self.resampler_num_attention_heads,
+            num_query_groups=self.resampler_num_attention_heads,
+            kv_channels=self.hidden_size // self.resampler_num_attention_heads,
+            activation_func=torch.nn.functional.gelu,
         )
 
     @staticmethod
@@ -125,20 +212,212 @@ class VisionEncoderConfig:
             return MLPSubmodules(linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
         return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
 
+    @staticmethod
+    def resampler_layer_spec(use_te: bool):
+        """A transformer layer without self-attention: norm -> cross-attention to the image's tokens
+        -> residual, norm -> MLP -> residual."""
+        from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+        from megatron.core.transformer.attention import CrossAttention, CrossAttentionSubmodules
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+        from megatron.core.transformer.enums import AttnMaskType
+        from megatron.core.transformer.mlp import MLP, MLPSubmodules
+        from megatron.core.transformer.spec_utils import ModuleSpec
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+        from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+        column, row, core, norm = ColumnParallelLinear, RowParallelLinear, DotProductAttention, WrappedTorchNorm
+        if use_te:
+            from megatron.core.extensions.transformer_engine import (
+                TEColumnParallelLinear,
+                TEDotProductAttention,
+                TENorm,
+                TERowParallelLinear,
+            )
+
+            column, row, core, norm = TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention, TENorm
+        return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+            pre_cross_attn_layernorm=norm,
+            cross_attention=ModuleSpec(
+                module=CrossAttention, params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=CrossAttentionSubmodules(linear_q=column, linear_kv=column, core_attention=core,
+                                                    linear_proj=row)),
+            cross_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+            mlp_bda=get_bias_dropout_add,
+        ))
+
 
 def vision_encoder_class():
-    """CLIPViTModel whose torch.nn.LayerNorm default (no TE) is replaced by WrappedTorchNorm."""
-    from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+    """CLIPViTModel building the encoder its config names (`vision_model_type`: clip or siglip,
+    `vision_post_layernorm`), with WrappedTorchNorm for the norms when TE is absent."""
+    from megatron.core.models.vision import clip_vit_model
+    from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    class VisionEncoder(CLIPViTModel):
-        def __init__(self, *args, ln_pre_impl=None, ln_post_impl=None, **kwargs):
-            from megatron.core.models.vision import clip_vit_model
-
-            default = clip_vit_model.NORM_IMPL
-            if default is torch.nn.LayerNorm:
-                default = WrappedTorchNorm
-            super().__init__(*args, ln_pre_impl=ln_pre_impl or default, ln_post_impl=ln_post_impl or default,
-                             **kwargs)
+    class VisionEncoder(clip_vit_model.CLIPViTModel):
+        def __init__(self, transformer_config, transformer_layer_spec, **kwargs):
+            subtype = getattr(transformer_config, "vision_model_type", "clip")
+            norm = WrappedTorchNorm if clip_vit_model.NORM_IMPL is torch.nn.LayerNorm else clip_vit_model.NORM_IMPL
+            kwargs.setdefault("ln_pre_impl", norm)
+            kwargs.setdefault("ln_post_impl", norm if getattr(transformer_config, "vision_post_layernorm", True)
+                              else IdentityOp)
+            if subtype == "siglip":
+                kwargs.setdefault("add_class_token", False)
+                kwargs.setdefault("class_token_len", 0)
+            super().__init__(transformer_config, transformer_layer_spec, model_subtype=subtype, **kwargs)
 
     return VisionEncoder
+
+
+class ResamplerProjector(MegatronModule):
+    """Learned queries cross-attend to each image's encoder tokens (Perceiver-resampler / Q-Former
+    style): [n_images, tokens, vision hidden] -> [n_images * num_queries, language hidden], the
+    same count whatever the number of patches. Layers at the ViT's width (megatron-core
+    TransformerBlock of cross-attention layers, final norm included), then a column-parallel linear
+    gathered to the language width."""
+
+    def __init__(self, vision: VisionEncoderConfig, language_config, use_te: bool):
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+        from megatron.core.transformer.spec_utils import build_module
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+        from megatron.core.transformer.transformer_block import TransformerBlock
+
+        config = vision.resampler_transformer_config(language_config)
+        super().__init__(config=config)
+        self.queries = torch.nn.Parameter(torch.empty(vision.resampler_num_queries, vision.hidden_size,
+                                                      dtype=config.params_dtype))
+        if config.perform_initialization:
+            config.init_method(self.queries)
+        norm = WrappedTorchNorm
+        if use_te:
+            from megatron.core.extensions.transformer_engine import TENorm
+
+            norm = TENorm
+        # The encoder's tokens (CLIP's are not normalised at the end) enter every layer's keys/values.
+        self.context_norm = build_module(norm, config=config, hidden_size=vision.hidden_size,
+                                         eps=config.layernorm_epsilon)
+        self.block = TransformerBlock(config, vision.resampler_layer_spec(use_te), pre_process=True, post_process=True)
+        self.output = ColumnParallelLinear(vision.hidden_size, language_config.hidden_size, config=config,
+                                           init_method=config.init_method, bias=True, gather_output=True)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        images = features.shape[0]
+        context = self.context_norm(features).transpose(0, 1).contiguous()  # [tokens, n, h]
+        queries = self.queries.unsqueeze(1).expand(-1, images, -1).contiguous()  # [q, n, h]
+        hidden = self.block(queries, attention_mask=None, context=context, context_mask=None)
+        output, _ = self.output(hidden.transpose(0, 1).reshape(-1, hidden.shape[-1]))
+        return output
+
+
+def build_projector(vision: VisionEncoderConfig, language_config, use_te: bool) -> torch.nn.Module:
+    if vision.projector_type == "resampler":
+        return ResamplerProjector(vision, language_config, use_te)
+    from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+
+    return MultimodalProjector(vision.projector_transformer_config(language_config), vision.projector_spec(use_te),
+                               vision.projector_type, vision.hidden_size)
+
+
+class ImageTower(MegatronModule):
+    """Encoder -> projector for fixed-size images: `images` [n, 3, H, W] -> [n * num_image_embeddings,
+    language hidden] (CLIP's class token dropped), rows image by image."""
+
+    MEDIA_KEYS = ("images",)
+
+    def __init__(self, vision: VisionEncoderConfig, language_config, use_te: bool):
+        encoder_config = vision.encoder_transformer_config(language_config)
+        super().__init__(config=encoder_config)
+        self.encoder = vision_encoder_class()(
+            encoder_config, vision.encoder_layer_spec(use_te),
+            patch_dim=vision.patch_size, img_h=vision.image_size, img_w=vision.image_size,
+        )
+        self.projector = build_projector(vision, language_config, use_te)
+        self.resampled = vision.projector_type == "resampler"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(images)[:, self.encoder.class_token_len if self.encoder.add_class_token else 0:]
+        if self.resampled:
+            return self.projector(features)
+        return self.projector(features.reshape(-1, features.shape[-1]))
+
+
+# ---- HuggingFace CLIPVisionModel / SiglipVisionModel -----------------------------------------------
+def _joined(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def vision_config_from_hf(hf_vision: dict, num_layers: int, problems: list[str]) -> VisionEncoderConfig:
+    """Our encoder from a transformers CLIPVisionConfig / SiglipVisionConfig dict, running its first
+    `num_layers` layers (the final norm only when all run); problems collects what cannot be
+    represented."""
+    encoder_type = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}.get(hf_vision.get("model_type"))
+    if encoder_type is None:
+        problems.append(f"vision model_type={hf_vision.get('model_type')!r} (only CLIP and SigLIP towers)")
+        encoder_type = "clip"
+    act = hf_vision.get("hidden_act", "quick_gelu" if encoder_type == "clip" else "gelu_pytorch_tanh")
+    if act not in HF_ACTIVATIONS:
+        problems.append(f"vision hidden_act={act!r}")
+    if hf_vision.get("num_channels", 3) != 3:
+        problems.append(f"vision num_channels={hf_vision['num_channels']}")
+    activation = HF_ACTIVATIONS.get(act, "")
+    return VisionEncoderConfig(
+        image_size=hf_vision["image_size"],
+        patch_size=hf_vision["patch_size"],
+        hidden_size=hf_vision["hidden_size"],
+        num_layers=num_layers,
+        num_attention_heads=hf_vision["num_attention_heads"],
+        ffn_hidden_size=hf_vision["intermediate_size"],
+        norm_epsilon=hf_vision.get("layer_norm_eps", 1e-5 if encoder_type == "clip" else 1e-6),
+        encoder_type=encoder_type,
+        activation="" if activation == DEFAULT_ACTIVATION[encoder_type] else activation,
+        post_layernorm=num_layers == hf_vision["num_hidden_layers"],
+    )
+
+
+def vision_config_to_hf(vision: VisionEncoderConfig, num_hidden_layers: int) -> dict:
+    """The transformers vision config of a `num_hidden_layers` tower whose first layers are ours."""
+    act = {v: k for k, v in HF_ACTIVATIONS.items() if k != "gelu_new"}[vision.activation_name]
+    return {
+        "model_type": f"{vision.encoder_type}_vision_model",
+        "hidden_size": vision.hidden_size,
+        "intermediate_size": vision.ffn_hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": vision.num_attention_heads,
+        "image_size": vision.image_size,
+        "patch_size": vision.patch_size,
+        "hidden_act": act,
+        "layer_norm_eps": vision.norm_epsilon,
+    }
+
+
+def vision_tower_hf_rules(vision: VisionEncoderConfig, ours: str, hf: str) -> list[Rule]:
+    """Our VisionEncoder's tensors (under `ours`) from a transformers CLIP / SigLIP vision tower
+    (under `hf`), for the layers we run. megatron-core keeps CLIP's class embedding as [1, 1, h] and
+    q/k/v fused per head."""
+    o, h = (lambda name: _joined(ours, name)), (lambda name: _joined(hf, name))
+    heads, head_dim = vision.num_attention_heads, vision.hidden_size // vision.num_attention_heads
+    rules = [same(o("conv1.weight"), h("embeddings.patch_embedding.weight")),
+             same(o("position_embeddings.weight"), h("embeddings.position_embedding.weight"))]
+    if vision.encoder_type == "clip":
+        rules += [Rule(o("class_token"), (h("embeddings.class_embedding"),),
+                       lambda ts: ts[0].reshape(1, 1, -1), lambda t: [t.reshape(-1)])]
+        rules += [same(o(f"ln_pre.{t}"), h(f"pre_layrnorm.{t}")) for t in ("weight", "bias")]
+    else:
+        rules.append(same(o("conv1.bias"), h("embeddings.patch_embedding.bias")))
+        if vision.post_layernorm:
+            rules += [same(o(f"ln_post.{t}"), h(f"post_layernorm.{t}")) for t in ("weight", "bias")]
+    for i in range(vision.num_layers):
+        layer, block = o(f"decoder.layers.{i}"), h(f"encoder.layers.{i}")
+        for t in ("weight", "bias"):
+            rules += [
+                same(f"{layer}.input_layernorm.{t}", f"{block}.layer_norm1.{t}"),
+                fused_qkv(f"{layer}.self_attention.linear_qkv.{t}", f"{block}.self_attn.q_proj.{t}",
+                          f"{block}.self_attn.k_proj.{t}", f"{block}.self_attn.v_proj.{t}", heads, heads, head_dim),
+                same(f"{layer}.self_attention.linear_proj.{t}", f"{block}.self_attn.out_proj.{t}"),
+                same(f"{layer}.pre_mlp_layernorm.{t}", f"{block}.layer_norm2.{t}"),
+                same(f"{layer}.mlp.linear_fc1.{t}", f"{block}.mlp.fc1.{t}"),
+                same(f"{layer}.mlp.linear_fc2.{t}", f"{block}.mlp.fc2.{t}"),
+            ]
+    return rules
