@@ -9,6 +9,9 @@ import torch
 from megatron_mm.config import Config
 
 BOS, PROMPT, EOD, FIRST_WORD = 1, 2, 0, 3
+# The drawings are rescaled to one of these (width, height) per sample, so native-resolution
+# encoders see images of several sizes (fixed-size ones resize them back).
+IMAGE_SIZES = ((64, 64), (96, 64), (64, 96), (48, 48))
 
 
 def caption_vocabulary() -> dict[str, int]:
@@ -35,8 +38,9 @@ def build_mock_image_caption_datasets(cfg: Config, num_samples: tuple[int, int, 
 
 class MockImageCaptionDataset:
     """Sample i: [bos, <image> x placeholders, prompt, caption words..., eod, pad...] of
-    data.seq_length tokens, with the image as the family's processor prepares it. Loss only on the
-    caption and eod. `zero_images` blanks every image (a control: no visual information)."""
+    data.seq_length tokens, with the image (at one of IMAGE_SIZES) as the family's processor
+    prepares it. Loss only on the caption and eod. `zero_images` blanks every image (a control: no
+    visual information)."""
 
     def __init__(self, cfg: Config, num_samples: int, split: int, zero_images: bool = False):
         self.num_samples, self.seed = num_samples, cfg.train.seed * 10 + split
@@ -67,8 +71,11 @@ class MockImageCaptionDataset:
 
         from megatron_mm.data import synthetic_mm
 
+        from PIL import Image
+
         attributes, rng = self.attributes(index)
-        image = numpy.asarray(synthetic_mm.render_image(attributes, rng).convert("RGB"))
+        drawing = synthetic_mm.render_image(attributes, rng).convert("RGB")
+        image = numpy.asarray(drawing.resize(rng.choice(IMAGE_SIZES), Image.NEAREST))
         if self.zero_images:
             image = numpy.zeros_like(image)
         media, num_placeholders = self.processor(image)

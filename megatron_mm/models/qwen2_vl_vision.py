@@ -256,14 +256,18 @@ class Qwen2VLImageEncoder(MegatronModule):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
         # The default would save the layer list and the merger (plain containers) as replicated;
         # each megatron-core piece shards its own tensor-parallel weights instead.
+        from megatron.core import parallel_state
         from megatron.core.transformer.utils import sharded_state_dict_default
 
+        # The TP group is passed explicitly: without it megatron-core 0.16.1 gives plain modules'
+        # tensors replica id 0 on every tensor-parallel rank, and loading refuses two writers.
+        tp_group = parallel_state.get_tensor_model_parallel_group()
         parts = {"patch_embed": self.patch_embed, "merger.norm": self.merger.norm,
                  "merger.projector": self.merger.projector,
                  **{f"layers.{i}": layer for i, layer in enumerate(self.layers)}}
         state = {}
         for name, module in parts.items():
-            state.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+            state.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group))
         return state
 
     def rotary_frequencies(self, coords: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""The LLaVA-style model (examples/configs/tiny_llava.yaml: CLIP ViT + projector + Llama on generated
-shape-image captions) reproduces the single-rank loss under TP2, TP2 with sequence parallel, PP2 and
-TP2xPP2 (encoder and projector on the first stage) from the same initial weights, as
-test_parallel_equivalence.py does for text."""
+"""Multimodal models reproduce the single-rank loss under TP2, TP2 with sequence parallel, PP2 and
+TP2xPP2 (encoders on the first stage) from the same initial weights, as test_parallel_equivalence.py
+does for text: the LLaVA-style model (examples/configs/tiny_llava.yaml: CLIP ViT + MLP projector +
+Llama) and the Qwen2-VL-style one (tiny_qwen2_vl.yaml: native-resolution ViT on images of several
+sizes in one micro-batch, M-RoPE decoder), both on generated shape-image captions."""
 
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import pytest
 from conftest import read_losses, torchrun
 from test_parallel_equivalence import assert_same_losses
 
-CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny_llava.yaml"
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
+MODELS = {"llava": CONFIGS / "tiny_llava.yaml", "qwen2_vl": CONFIGS / "tiny_qwen2_vl.yaml"}
 
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
@@ -20,27 +22,27 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def llava_init(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("llava_init")
-    torchrun(1, out, f"train.output_dir={out}", config=CONFIG, flags=["--save-init"])
-    return out / "checkpoints" / "iter_0000000"
+@pytest.fixture(scope="module", params=list(MODELS))
+def single_rank(request, tmp_path_factory) -> tuple[str, Path, dict[int, float]]:
+    """(model, initial checkpoint, single-rank losses) of one model."""
+    name, config = request.param, MODELS[request.param]
+    init = tmp_path_factory.mktemp(f"{name}_init")
+    torchrun(1, init, f"train.output_dir={init}", config=config, flags=["--save-init"])
+    checkpoint = init / "checkpoints" / "iter_0000000"
+    out = tmp_path_factory.mktemp(f"{name}_single")
+    torchrun(1, out, f"train.output_dir={out}", f"train.init_from={checkpoint}", config=config)
+    return name, checkpoint, read_losses(out)
 
 
-@pytest.fixture(scope="module")
-def llava_single(tmp_path_factory, llava_init) -> dict[int, float]:
-    out = tmp_path_factory.mktemp("llava_single")
-    torchrun(1, out, f"train.output_dir={out}", f"train.init_from={llava_init}", config=CONFIG)
-    return read_losses(out)
+def test_single_rank_learns(single_rank):
+    _, _, losses = single_rank
+    assert losses[5] < losses[1]
 
 
-def test_single_rank_learns(llava_single):
-    assert llava_single[5] < llava_single[1]
-
-
-@pytest.mark.parametrize("name", LAYOUTS)
-def test_layout_matches_single_rank(name, tmp_path, llava_init, llava_single):
-    nproc, overrides = LAYOUTS[name]
-    torchrun(nproc, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={llava_init}", *overrides,
-             config=CONFIG)
-    assert_same_losses(llava_single, read_losses(tmp_path))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_matches_single_rank(layout, tmp_path, single_rank):
+    name, checkpoint, losses = single_rank
+    nproc, overrides = LAYOUTS[layout]
+    torchrun(nproc, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={checkpoint}", *overrides,
+             config=MODELS[name])
+    assert_same_losses(losses, read_losses(tmp_path))
