@@ -23,10 +23,15 @@ def build_datasets(cfg: Config, tokenizer, num_samples: tuple[int, int, int]):
 
     from megatron_mm.models.multimodal import MultimodalFamily
 
-    if isinstance(cfg.model, MultimodalFamily) and cfg.data.mock:
-        from megatron_mm.data.mock_image_caption import build_mock_image_caption_datasets
+    if isinstance(cfg.model, MultimodalFamily):
+        if cfg.data.mock:
+            from megatron_mm.data.mock_image_caption import build_mock_image_caption_datasets
 
-        return build_mock_image_caption_datasets(cfg, num_samples)
+            return build_mock_image_caption_datasets(cfg, num_samples)
+        from megatron_mm.data.mm_training import build_mm_datasets
+
+        return build_mm_datasets(cfg, cfg.model.media_processors(), num_samples, cfg.model.position_ids,
+                                 pad_token_id=tokenizer.pad)
 
     return build_gpt_datasets(
         blend=cfg.data.blend,
