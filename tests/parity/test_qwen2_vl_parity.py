@@ -3,11 +3,16 @@ against transformers' own models: a tiny random model, every tensor perturbed, i
 conversion tool's machinery; both run in fp32 on the same two samples (three images of different
 sizes made by our processor, M-RoPE positions from ours for us and from transformers for it); then
 the export gives back every tensor bit for bit, and a model transformers loads from it gives the same
-logits."""
+logits. At TP2 the encoder and decoder split their heads and MLPs: the logits match one rank's."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy
 import pytest
@@ -101,6 +106,12 @@ def test_qwen2_vl_logits_match_transformers(variant, tie, tmp_path):
     moved = our_logits(checkpoint, sample["tokens"], media=blanked, position_ids=sample["positions"])
     assert logit_difference(moved, ours)[1] > 1e-3
 
+    torch.save(sample, tmp_path / "sample.pt")
+    split = _tp2_logits(checkpoint, tmp_path / "sample.pt", tmp_path / "tp2.pt")
+    tp_difference = logit_difference(split, ours)[1]
+    print(f"{variant}: TP2 vs one rank, relative {tp_difference:.2e}")
+    assert tp_difference < 1e-5
+
     exported = export_hf(checkpoint, tmp_path / "exported")
     original, result = hf_tensors(hf_dir), hf_tensors(exported)
     assert sorted(result) == sorted(original)
@@ -112,6 +123,31 @@ def test_qwen2_vl_logits_match_transformers(variant, tie, tmp_path):
     assert torch.equal(_hf_logits(exported, sample), theirs)
 
 
+def _tp2_logits(checkpoint: Path, sample: Path, output: Path) -> torch.Tensor:
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", __file__,
+               str(checkpoint), str(sample), str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return torch.load(output)
+
+
+def _tp2_main(checkpoint: str, sample_path: str, output: str) -> None:
+    """One of the two TP ranks (under torch.distributed.run)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from megatron_mm.checkpoint.hf_parity import our_logits
+
+    sample = torch.load(sample_path)
+    logits = our_logits(checkpoint, sample["tokens"], tp=2, media=sample["media"], position_ids=sample["positions"])
+    if int(os.environ["RANK"]) == 0:
+        torch.save(logits, output)
+
+
 def test_unsupported_vision_activation_is_refused():
     from megatron_mm.checkpoint.hf_rules import HFConversionError
     from megatron_mm.models.qwen2_vl import Qwen2VLConfig
@@ -120,3 +156,7 @@ def test_unsupported_vision_activation_is_refused():
     hf["vision_config"]["hidden_act"] = "gelu"
     with pytest.raises(HFConversionError, match="vision hidden_act='gelu'"):
         Qwen2VLConfig.from_hf_config(hf)
+
+
+if __name__ == "__main__":
+    _tp2_main(*sys.argv[1:4])
