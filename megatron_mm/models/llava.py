@@ -9,11 +9,13 @@ replace them in order. The encoder and projector live on the first pipeline stag
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_mm.checkpoint import hf_rules
 from megatron_mm.models.llama import LlamaConfig
 from megatron_mm.models.multimodal import MultimodalFamily
 from megatron_mm.models.vision import VisionEncoderConfig, vision_encoder_class
@@ -32,8 +34,13 @@ class LlavaConfig(MultimodalFamily, LlamaConfig):
     vision_norm_epsilon: float = 1e-5
     projector_ffn_hidden_size: int = 128
     projector_type: str = "mlp"
-
-    HF_ARCHITECTURES = ()  # no HuggingFace mapping yet (LlamaConfig's must not be inherited)
+    vision_encoder_type: str = "clip"  # clip | siglip
+    vision_activation: str = ""  # empty: the encoder type's own
+    qkv_bias: bool = False  # a Qwen2 language model's q/k/v biases
+    # HuggingFace towers imported: their layer count, SigLIP pooling head and tensor prefix, for export
+    hf_vision_tower_layers: int = 0  # 0: the layers we run
+    hf_vision_pooling_head: bool = False
+    hf_vision_prefix: str = "vision_tower"
 
     def vision(self) -> VisionEncoderConfig:
         return VisionEncoderConfig(
@@ -46,7 +53,13 @@ class LlavaConfig(MultimodalFamily, LlamaConfig):
             norm_epsilon=self.vision_norm_epsilon,
             projector_ffn_hidden_size=self.projector_ffn_hidden_size,
             projector_type=self.projector_type,
+            encoder_type=self.vision_encoder_type,
+            activation=self.vision_activation,
+            post_layernorm=False,  # LLaVA reads the encoder's hidden states, before any final norm
         )
+
+    def family_transformer_fields(self) -> dict:
+        return {**super().family_transformer_fields(), "add_qkv_bias": self.qkv_bias}
 
     @property
     def num_image_embeddings(self) -> int:
@@ -79,18 +92,125 @@ class LlavaConfig(MultimodalFamily, LlamaConfig):
                             f"text after {self.num_image_embeddings} image embeddings")
         return problems
 
-    # ---- HuggingFace mapping: none yet ---------------------------------------------------------
+    # ---- HuggingFace mapping: LlavaForConditionalGeneration -------------------------------------
+    # A CLIP or SigLIP tower run up to the hidden state LLaVA reads (vision_feature_layer), the
+    # two-layer GELU projector (multi_modal_projector.linear_1/2), a Llama or Qwen2 decoder. The tower
+    # layers after that state, its final norm and SigLIP's pooling head are never read: import drops
+    # them, export writes them back as zeros.
+    HF_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+
     @classmethod
     def from_hf_config(cls, hf: dict):
-        from megatron_mm.checkpoint.hf_rules import HFConversionError
+        from megatron_mm.models.vision import vision_config_from_hf
 
-        raise HFConversionError("model.family=llava has no HuggingFace mapping yet")
+        text, hf_vision = hf.get("text_config") or {}, hf.get("vision_config") or {}
+        problems: list[str] = []
+        language = text.get("model_type", "llama")
+        if language == "llama":  # LlamaConfig raises, naming what it cannot represent
+            llama = LlamaConfig.from_hf_config(text)
+            fields = {f.name: getattr(llama, f.name) for f in dataclasses.fields(LlamaConfig) if f.name != "family"}
+        elif language == "qwen2":
+            hf_rules.check_equal(text, problems, "hidden_act", "silu", "silu")
+            hf_rules.check_equal(text, problems, "use_sliding_window", False, False)
+            fields = dict(hf_rules.decoder_fields_from_hf(text), rotary_base=hf_rules.plain_rope(text, problems),
+                          qkv_bias=True)
+        else:
+            problems.append(f"text model_type={language!r} (only llama and qwen2)")
+            fields = {}
+        fields["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+        hf_rules.check_equal(hf, problems, "projector_hidden_act", "gelu", "gelu")
+        hf_rules.check_equal(hf, problems, "multimodal_projector_bias", True, True)
+        encoder_type = "siglip" if hf_vision.get("model_type") == "siglip_vision_model" else "clip"
+        # LLaVA's "default" drops the first token: CLIP's class token, but a SigLIP patch
+        strategy = {"clip": "default", "siglip": "full"}[encoder_type]
+        hf_rules.check_equal(hf, problems, "vision_feature_select_strategy", strategy, "default")
+        tower_layers, feature_layer = hf_vision.get("num_hidden_layers", 0), hf.get("vision_feature_layer", -2)
+        layers = tower_layers
+        if not isinstance(feature_layer, int):
+            problems.append(f"vision_feature_layer={feature_layer!r} (one layer only)")
+        else:
+            try:
+                layers = VisionEncoderConfig.layers_up_to(feature_layer, tower_layers)
+            except ValueError as err:
+                problems.append(str(err))
+        vision = vision_config_from_hf(hf_vision, layers, problems)
+        hf_rules.unsupported("LlavaForConditionalGeneration", problems)
+        # transformers 5 saves a tower's tensors without the `vision_model.` level that earlier versions wrote
+        old_names = int(str(hf.get("transformers_version", "5")).split(".")[0]) < 5
+        return cls(
+            **fields,
+            image_token_id=hf.get("image_token_id", hf.get("image_token_index", -1)),
+            vision_image_size=vision.image_size,
+            vision_patch_size=vision.patch_size,
+            vision_hidden_size=vision.hidden_size,
+            vision_num_layers=vision.num_layers,
+            vision_num_attention_heads=vision.num_attention_heads,
+            vision_ffn_hidden_size=vision.ffn_hidden_size,
+            vision_norm_epsilon=vision.norm_epsilon,
+            vision_encoder_type=vision.encoder_type,
+            vision_activation=vision.activation,
+            projector_ffn_hidden_size=fields.get("hidden_size", 0),
+            projector_type="mlp",
+            hf_vision_tower_layers=tower_layers,
+            hf_vision_pooling_head=encoder_type == "siglip" and bool(hf_vision.get("vision_use_head", True)),
+            hf_vision_prefix="vision_tower.vision_model" if old_names else "vision_tower",
+        )
 
     def to_hf_config(self) -> dict:
-        return self.from_hf_config({})
+        from megatron_mm.models.vision import vision_config_to_hf
+
+        vision = self.vision()
+        tower_layers = self.hf_vision_tower_layers or vision.num_layers
+        if self.qkv_bias:
+            text = hf_rules.decoder_fields_to_hf(self, "Qwen2ForCausalLM", "qwen2")
+            text.update(hidden_act="silu", use_sliding_window=False,
+                        rope_parameters=hf_rules.rope_parameters(self.rotary_base))
+        else:
+            text = LlamaConfig.to_hf_config(self)
+        del text["architectures"], text["tie_word_embeddings"]  # the latter lives at the top level
+        hf_vision = vision_config_to_hf(vision, tower_layers)
+        if vision.encoder_type == "siglip":
+            hf_vision["vision_use_head"] = self.hf_vision_pooling_head
+        return {
+            "architectures": list(self.HF_ARCHITECTURES),
+            "model_type": "llava",
+            "image_token_index": self.image_token_id,
+            "image_seq_length": self.num_image_embeddings,
+            "projector_hidden_act": "gelu",
+            "multimodal_projector_bias": True,
+            "vision_feature_layer": vision.num_layers - tower_layers - 1,
+            "vision_feature_select_strategy": "default" if vision.encoder_type == "clip" else "full",
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "text_config": text,
+            "vision_config": hf_vision,
+        }
 
     def hf_rules(self) -> list:
-        return self.from_hf_config({})
+        """Saved checkpoints name the decoder `language_model.model.*` / `language_model.lm_head`,
+        the tower `vision_tower[.vision_model].*` and the projector `multi_modal_projector.*`."""
+        from megatron_mm.checkpoint.hf_rules import Rule, same
+        from megatron_mm.models.vision import carrying_unread, unread_tower_tensors, vision_tower_hf_rules
+
+        language = hf_rules.embedding_rules(self)
+        for layer in range(self.num_layers):
+            o, h = f"decoder.layers.{layer}", f"model.layers.{layer}"
+            language += hf_rules.attention_rules(self, layer, qk_norm=False)
+            if self.qkv_bias:
+                language.append(hf_rules.fused_qkv(
+                    f"{o}.self_attention.linear_qkv.bias", f"{h}.self_attn.q_proj.bias", f"{h}.self_attn.k_proj.bias",
+                    f"{h}.self_attn.v_proj.bias", self.num_attention_heads, self.query_groups, self.kv_channels))
+            language += hf_rules.gated_mlp_rules(f"{o}.mlp", f"{h}.mlp")
+        language = [Rule(f"language_model.{rule.ours}", tuple(f"language_model.{name}" for name in rule.hf),
+                         rule.to_ours, rule.to_hf) for rule in language]
+        vision = self.vision()
+        tower = vision_tower_hf_rules(vision, ours="encoders.image.encoder", hf=self.hf_vision_prefix)
+        unread = unread_tower_tensors(vision, self.hf_vision_prefix, self.hf_vision_tower_layers or vision.num_layers,
+                                      self.hf_vision_pooling_head)
+        if unread:
+            tower[0] = carrying_unread(tower[0], unread)
+        projector = [same(f"encoders.image.projector.encoder.linear_fc{i}.{t}", f"multi_modal_projector.linear_{i}.{t}")
+                     for i in (1, 2) for t in ("weight", "bias")]
+        return language + tower + projector
 
 
 class ImageEncoder(MegatronModule):

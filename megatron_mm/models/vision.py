@@ -421,3 +421,40 @@ def vision_tower_hf_rules(vision: VisionEncoderConfig, ours: str, hf: str) -> li
                 same(f"{layer}.mlp.linear_fc2.{t}", f"{block}.mlp.fc2.{t}"),
             ]
     return rules
+
+
+def unread_tower_tensors(vision: VisionEncoderConfig, hf: str, tower_layers: int, pooling_head: bool) -> dict:
+    """name -> shape of the tensors of a `tower_layers` transformers tower that an encoder running
+    only `vision.num_layers` of them never reads: the later layers, the final norm, SigLIP's
+    pooling head."""
+    h, f = vision.hidden_size, vision.ffn_hidden_size
+    tensors = {}
+    for i in range(vision.num_layers, tower_layers):
+        block = _joined(hf, f"encoder.layers.{i}")
+        for name, (rows, columns) in (("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (h, h)),
+                                      ("self_attn.v_proj", (h, h)), ("self_attn.out_proj", (h, h)),
+                                      ("mlp.fc1", (f, h)), ("mlp.fc2", (h, f))):
+            tensors[f"{block}.{name}.weight"], tensors[f"{block}.{name}.bias"] = (rows, columns), (rows,)
+        for norm in ("layer_norm1", "layer_norm2"):
+            tensors[f"{block}.{norm}.weight"] = tensors[f"{block}.{norm}.bias"] = (h,)
+    if not vision.post_layernorm or vision.encoder_type == "clip":  # CLIP's only normalises the pooled token
+        tensors[_joined(hf, "post_layernorm.weight")] = tensors[_joined(hf, "post_layernorm.bias")] = (h,)
+    if pooling_head:
+        head = lambda name: _joined(hf, f"head.{name}")  # noqa: E731
+        tensors.update({head("probe"): (1, 1, h), head("attention.in_proj_weight"): (3 * h, h),
+                        head("attention.in_proj_bias"): (3 * h,), head("attention.out_proj.weight"): (h, h),
+                        head("attention.out_proj.bias"): (h,), head("layernorm.weight"): (h,),
+                        head("layernorm.bias"): (h,), head("mlp.fc1.weight"): (f, h), head("mlp.fc1.bias"): (f,),
+                        head("mlp.fc2.weight"): (h, f), head("mlp.fc2.bias"): (h,)})
+    return tensors
+
+
+def carrying_unread(rule: Rule, unread: dict) -> Rule:
+    """`rule` extended with HuggingFace tensors our model does not keep: read and dropped on import,
+    written as zeros of their shapes on export (nothing reads them, so any values serve)."""
+    names = tuple(unread)
+
+    def to_hf(tensor):
+        return rule.to_hf(tensor) + [tensor.new_zeros(unread[name]) for name in names]
+
+    return Rule(rule.ours, rule.hf + names, lambda tensors: rule.to_ours(tensors[:len(rule.hf)]), to_hf)
