@@ -1,5 +1,6 @@
-"""LLaVA-style vision-language models: a fixed-resolution ViT (models/vision.py) -> MLP projector ->
-a Llama 3 decoder, as a MultimodalModel (models/multimodal.py).
+"""LLaVA-style vision-language models: a fixed-resolution CLIP or SigLIP ViT (models/vision.py) -> an
+MLP (or affine, or learned-query resampler) projector -> a Llama 3 or Qwen2 decoder, as a
+MultimodalModel (models/multimodal.py).
 
 The config is the language model's (every llama3 field, flat, so layouts validate as for llama3)
 plus `vision_*` fields for the encoder and projector. A sample's text holds `num_image_embeddings`
@@ -13,12 +14,11 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from megatron.core.transformer.module import MegatronModule
 
 from megatron_mm.checkpoint import hf_rules
 from megatron_mm.models.llama import LlamaConfig
 from megatron_mm.models.multimodal import MultimodalFamily
-from megatron_mm.models.vision import VisionEncoderConfig, vision_encoder_class
+from megatron_mm.models.vision import ImageTower, VisionEncoderConfig
 
 
 @dataclass
@@ -33,7 +33,11 @@ class LlavaConfig(MultimodalFamily, LlamaConfig):
     vision_ffn_hidden_size: int = 256
     vision_norm_epsilon: float = 1e-5
     projector_ffn_hidden_size: int = 128
-    projector_type: str = "mlp"
+    projector_type: str = "mlp"  # mlp | affine | resampler
+    resampler_num_queries: int = 16  # image embeddings per image with the resampler
+    resampler_num_layers: int = 1
+    resampler_num_attention_heads: int = 4
+    resampler_ffn_hidden_size: int = 256
     vision_encoder_type: str = "clip"  # clip | siglip
     vision_activation: str = ""  # empty: the encoder type's own
     qkv_bias: bool = False  # a Qwen2 language model's q/k/v biases
@@ -53,6 +57,10 @@ class LlavaConfig(MultimodalFamily, LlamaConfig):
             norm_epsilon=self.vision_norm_epsilon,
             projector_ffn_hidden_size=self.projector_ffn_hidden_size,
             projector_type=self.projector_type,
+            resampler_num_queries=self.resampler_num_queries,
+            resampler_num_layers=self.resampler_num_layers,
+            resampler_num_attention_heads=self.resampler_num_attention_heads,
+            resampler_ffn_hidden_size=self.resampler_ffn_hidden_size,
             encoder_type=self.vision_encoder_type,
             activation=self.vision_activation,
             post_layernorm=False,  # LLaVA reads the encoder's hidden states, before any final norm
@@ -70,12 +78,16 @@ class LlavaConfig(MultimodalFamily, LlamaConfig):
         return {"image": self.image_token_id}
 
     def media_processors(self) -> dict:
-        return {"image": FixedSizeImages(self.vision_image_size, self.num_image_embeddings)}
+        from megatron_mm.data.image_processing import FixedSizeImageProcessor
+
+        return {"image": FixedSizeImageProcessor(self.vision_image_size, self.vision_encoder_type,
+                                                 self.num_image_embeddings)}
 
     def build_encoders(self, transformer_config, use_te: bool) -> dict[str, torch.nn.Module]:
-        return {"image": ImageEncoder(self.vision(), transformer_config, use_te)}
+        return {"image": ImageTower(self.vision(), transformer_config, use_te)}
 
     def encoder_num_parameters(self) -> int:
+        """The ViT and a two-layer MLP projector (FLOP estimate)."""
         v = self.vision()
         h, f = v.hidden_size, v.ffn_hidden_size
         encoder = v.num_layers * (4 * h * h + 2 * h * f + 9 * h + f) + 3 * v.patch_size ** 2 * h
@@ -211,49 +223,6 @@ class LlavaConfig(MultimodalFamily, LlamaConfig):
         projector = [same(f"encoders.image.projector.encoder.linear_fc{i}.{t}", f"multi_modal_projector.linear_{i}.{t}")
                      for i in (1, 2) for t in ("weight", "bias")]
         return language + tower + projector
-
-
-class ImageEncoder(MegatronModule):
-    """ViT -> projector: images [n, 3, H, W] -> [n * patches, language hidden] (class token dropped)."""
-
-    MEDIA_KEYS = ("images",)
-
-    def __init__(self, vision: VisionEncoderConfig, language_config, use_te: bool):
-        from megatron.core.models.vision.multimodal_projector import MultimodalProjector
-
-        encoder_config = vision.encoder_transformer_config(language_config)
-        super().__init__(config=encoder_config)
-        self.encoder = vision_encoder_class()(
-            encoder_config, vision.encoder_layer_spec(use_te),
-            patch_dim=vision.patch_size, img_h=vision.image_size, img_w=vision.image_size,
-        )
-        self.projector = MultimodalProjector(
-            vision.projector_transformer_config(language_config), vision.projector_spec(use_te),
-            vision.projector_type, vision.hidden_size,
-        )
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        patches = self.encoder(images)[:, self.encoder.class_token_len if self.encoder.add_class_token else 0:]
-        return self.projector(patches.reshape(-1, patches.shape[-1]))
-
-
-class FixedSizeImages:
-    """uint8 HxWx3 -> {"images": [1, 3, size, size]} in [-1, 1] and the placeholder count."""
-
-    modality = "image"
-
-    def __init__(self, image_size: int, num_placeholders: int):
-        self.image_size, self.num_placeholders = image_size, num_placeholders
-
-    def __call__(self, item) -> tuple[dict, int]:
-        import numpy
-        from PIL import Image
-
-        image = numpy.asarray(item)
-        if image.shape[:2] != (self.image_size, self.image_size):
-            image = numpy.asarray(Image.fromarray(image).resize((self.image_size, self.image_size), Image.BICUBIC))
-        pixels = torch.tensor(image).permute(2, 0, 1).float() / 127.5 - 1.0
-        return {"images": pixels.unsqueeze(0)}, self.num_placeholders
 
 
 CONFIG_CLASS = LlavaConfig

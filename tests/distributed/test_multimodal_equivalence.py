@@ -2,7 +2,8 @@
 TP2xPP2 (encoders on the first stage) from the same initial weights, as test_parallel_equivalence.py
 does for text: the LLaVA-style model (examples/configs/tiny_llava.yaml: CLIP ViT + MLP projector +
 Llama) and the Qwen2-VL-style one (tiny_qwen2_vl.yaml: native-resolution ViT on images of several
-sizes in one micro-batch, M-RoPE decoder), both on generated shape-image captions."""
+sizes in one micro-batch, M-RoPE decoder), both on generated shape-image captions; the LLaVA-style
+model with a learned-query resampler projector under TP2."""
 
 from pathlib import Path
 
@@ -12,7 +13,11 @@ from conftest import read_losses, torchrun
 from test_parallel_equivalence import assert_same_losses
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
-MODELS = {"llava": CONFIGS / "tiny_llava.yaml", "qwen2_vl": CONFIGS / "tiny_qwen2_vl.yaml"}
+MODELS = {  # config, overrides
+    "llava": (CONFIGS / "tiny_llava.yaml", []),
+    "qwen2_vl": (CONFIGS / "tiny_qwen2_vl.yaml", []),
+    "llava_resampler": (CONFIGS / "tiny_llava.yaml", ["model.projector_type=resampler", "model.resampler_num_queries=8"]),
+}
 
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
@@ -22,27 +27,34 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
-def single_rank(request, tmp_path_factory) -> tuple[str, Path, dict[int, float]]:
-    """(model, initial checkpoint, single-rank losses) of one model."""
-    name, config = request.param, MODELS[request.param]
-    init = tmp_path_factory.mktemp(f"{name}_init")
-    torchrun(1, init, f"train.output_dir={init}", config=config, flags=["--save-init"])
-    checkpoint = init / "checkpoints" / "iter_0000000"
-    out = tmp_path_factory.mktemp(f"{name}_single")
-    torchrun(1, out, f"train.output_dir={out}", f"train.init_from={checkpoint}", config=config)
-    return name, checkpoint, read_losses(out)
+CASES = [(model, layout) for model in ("llava", "qwen2_vl") for layout in LAYOUTS] + [("llava_resampler", "tp2")]
+_single_rank_runs: dict[str, tuple[Path, dict[int, float]]] = {}
 
 
-def test_single_rank_learns(single_rank):
-    _, _, losses = single_rank
+def single_rank(model: str, tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """(initial checkpoint, single-rank losses) of one model, run once per session."""
+    if model not in _single_rank_runs:
+        config, overrides = MODELS[model]
+        init = tmp_path_factory.mktemp(f"{model}_init")
+        torchrun(1, init, f"train.output_dir={init}", *overrides, config=config, flags=["--save-init"])
+        checkpoint = init / "checkpoints" / "iter_0000000"
+        out = tmp_path_factory.mktemp(f"{model}_single")
+        torchrun(1, out, f"train.output_dir={out}", f"train.init_from={checkpoint}", *overrides, config=config)
+        _single_rank_runs[model] = checkpoint, read_losses(out)
+    return _single_rank_runs[model]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_single_rank_learns(model, tmp_path_factory):
+    _, losses = single_rank(model, tmp_path_factory)
     assert losses[5] < losses[1]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_layout_matches_single_rank(layout, tmp_path, single_rank):
-    name, checkpoint, losses = single_rank
+@pytest.mark.parametrize("model, layout", CASES)
+def test_layout_matches_single_rank(model, layout, tmp_path, tmp_path_factory):
+    checkpoint, losses = single_rank(model, tmp_path_factory)
+    config, model_overrides = MODELS[model]
     nproc, overrides = LAYOUTS[layout]
-    torchrun(nproc, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={checkpoint}", *overrides,
-             config=MODELS[name])
+    torchrun(nproc, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={checkpoint}", *model_overrides,
+             *overrides, config=config)
     assert_same_losses(losses, read_losses(tmp_path))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 
@@ -65,7 +66,9 @@ def test_generated_samples_fill_the_sequence_and_caption_the_image():
     sample = train[0]
     n_img, image_id = cfg.model.num_image_embeddings, cfg.model.image_token_id
     assert sample["tokens"].shape == sample["labels"].shape == sample["loss_mask"].shape == (cfg.data.seq_length,)
-    assert sample["images"].shape == (1, 3, 32, 32) and -1 <= sample["images"].min() < sample["images"].max() <= 1
+    assert sample["images"].shape == (1, 3, 32, 32)
+    pixels, count = cfg.model.media_processors()["image"](numpy.full((64, 96, 3), 255, numpy.uint8))
+    assert count == n_img and torch.allclose(pixels["images"], pixels["images"][:, :, :1, :1])  # white stays flat
     # one placeholder per image embedding, right after bos
     assert (sample["tokens"] == image_id).sum() == n_img and (sample["tokens"][1 : 1 + n_img] == image_id).all()
     assert sample["loss_mask"][: 1 + n_img].sum() == 0  # no loss predicting placeholders or the prompt
