@@ -79,6 +79,17 @@ class MultimodalModel(MegatronModule):
         return self.language_model.embedding.embedding_dropout(embeddings)
 
 
+def without_experts(transformer_config):
+    """The language model's TransformerConfig with every MoE field at its default: encoders derive
+    their configs from it (precision, parallel layout) and are dense whatever the decoder is."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(transformer_config)
+                if (f.name.startswith("moe_") or f.name == "num_moe_experts") and f.default is not dataclasses.MISSING}
+    return dataclasses.replace(transformer_config, **defaults, expert_model_parallel_size=1,
+                               expert_tensor_parallel_size=None)
+
+
 class MultimodalFamily:
     """Mixin for a multimodal family's config, placed before its language model's config class:
     `class LlavaConfig(MultimodalFamily, LlamaConfig)`. The family supplies its encoders, their data
@@ -116,7 +127,7 @@ class MultimodalFamily:
 
     def build(self, transformer_config, use_te: bool, pre_process: bool, post_process: bool, vp_stage=None):
         language_model = super().build(transformer_config, use_te, pre_process, post_process, vp_stage)
-        encoders = self.build_encoders(transformer_config, use_te) if pre_process else {}
+        encoders = self.build_encoders(without_experts(transformer_config), use_te) if pre_process else {}
         return MultimodalModel(transformer_config, language_model, encoders, self.placeholder_ids())
 
     def num_parameters(self) -> tuple[int, int]:

@@ -16,6 +16,7 @@ FAMILIES = {
     "llava": "megatron_mm.models.llava",
     "qwen2_vl": "megatron_mm.models.qwen2_vl",
     "qwen2_5_vl": "megatron_mm.models.qwen2_5_vl",
+    "qwen2_vl_moe": "megatron_mm.models.qwen2_vl_moe",
 }
 
 
