@@ -100,8 +100,9 @@ class VisionEncoderConfig:
             problems.append(f"vision activation={self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
         if self.projector_type not in PROJECTOR_TYPES:
             problems.append(f"vision projector_type={self.projector_type!r} is not one of {', '.join(PROJECTOR_TYPES)}")
-        if self.image_size % self.patch_size:
-            problems.append(f"vision image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
+        # The patch convolution drops a remainder (SigLIP-so400m: 384px, 14px patches -> 27x27)
+        if self.image_size < self.patch_size:
+            problems.append(f"vision image_size={self.image_size} is smaller than patch_size={self.patch_size}")
         if self.num_layers < 1:
             problems.append(f"vision num_layers={self.num_layers}: the encoder needs at least one layer")
         widths = [("", self.hidden_size, self.num_attention_heads)]

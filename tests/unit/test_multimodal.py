@@ -46,7 +46,7 @@ def test_llama_hf_architecture_still_maps_to_llama():
 @pytest.mark.parametrize("world, overrides, message", [
     (2, ["parallel.tp=2", "model.vision_num_attention_heads=3", "model.vision_hidden_size=48"],
      "vision num_attention_heads=3 is not divisible by parallel.tp=2"),
-    (1, ["model.vision_patch_size=5"], "vision image_size=32 is not divisible by patch_size=5"),
+    (1, ["model.vision_patch_size=40"], "vision image_size=32 is smaller than patch_size=40"),
     (2, ["parallel.pp=2", "parallel.vpp=2"], "does not support parallel.vpp"),
     (1, ["model.max_position_embeddings=16"], "leaves no room for text"),
     (1, ["model.image_token_id=256"], "model.image_token_id=256 is outside the vocabulary"),
