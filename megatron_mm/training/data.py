@@ -28,10 +28,15 @@ def build_datasets(cfg: Config, tokenizer, num_samples: tuple[int, int, int]):
             from megatron_mm.data.mock_image_caption import build_mock_image_caption_datasets
 
             return build_mock_image_caption_datasets(cfg, num_samples)
-        from megatron_mm.data.mm_training import build_mm_datasets
+        from megatron_mm.data.mm_training import build_mm_datasets, format_packing_stats
 
-        return build_mm_datasets(cfg, cfg.model.media_processors(), num_samples, cfg.model.position_ids,
-                                 pad_token_id=tokenizer.pad)
+        datasets = build_mm_datasets(cfg, cfg.model.media_processors(), num_samples, cfg.model.position_ids,
+                                     pad_token_id=tokenizer.pad)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            for name, dataset in zip(("train", "valid", "test"), datasets):
+                if dataset is not None:
+                    print(format_packing_stats(name, dataset.stats), flush=True)
+        return datasets
 
     return build_gpt_datasets(
         blend=cfg.data.blend,
