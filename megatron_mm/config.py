@@ -73,6 +73,9 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir) | none | a checkpoint dir
     init_from: Optional[str] = None  # load model weights only from this checkpoint (fresh optimizer)
+    # Stages (training/stages.py): parameter-name patterns to freeze, and "pattern=multiplier" learning rates
+    freeze: list[str] = field(default_factory=list)
+    lr_mult: list[str] = field(default_factory=list)
     peak_tflops: float = 989.0  # per-GPU dense bf16 peak for the MFU estimate (H100 SXM)
     tensorboard: bool = True
 

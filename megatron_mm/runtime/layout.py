@@ -72,6 +72,9 @@ def validate_layout(cfg: Config, world_size: int, have_te: bool) -> None:
     if t.lr_warmup_iters >= decay_iters:  # megatron-core's scheduler asserts it
         raise ConfigError(f"train.lr_warmup_iters={t.lr_warmup_iters} must be below the decay length "
                           f"{decay_iters} (train.lr_decay_iters, default train.train_iters)")
+    from megatron_mm.training.stages import parse_lr_mults
+
+    parse_lr_mults(t.lr_mult)  # syntax now; the patterns are matched once the model exists
     if t.lr_decay_style == "WSD" and t.lr_wsd_decay_iters is None:
         raise ConfigError("train.lr_decay_style=WSD needs train.lr_wsd_decay_iters")
     for message in m.validate(p):

@@ -26,6 +26,7 @@ from megatron_mm.config import Config, ConfigError, load_config
 from megatron_mm.moe.balancing import ExpertBalancing
 from megatron_mm.training.data import BATCH_KEYS, MicroBatches, build_datasets
 from megatron_mm.training.metrics import TrainingLogger, cuda_peak_tflops, flops_per_token
+from megatron_mm.training.stages import apply_stage, lr_overrides
 
 
 @dataclass
@@ -135,9 +136,10 @@ def build_model(cfg: Config, tconfig, use_te: bool) -> list:
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
-        if tconfig.bf16:
-            chunk = Float16Module(tconfig, chunk)
         chunks.append(chunk)
+    apply_stage(chunks, cfg.train.freeze, cfg.train.lr_mult)  # names of the unwrapped model
+    if tconfig.bf16:
+        chunks = [Float16Module(tconfig, chunk) for chunk in chunks]
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -159,22 +161,21 @@ def build_optimizer(cfg: Config, tconfig, model):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     t = cfg.train
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=t.lr,
-            min_lr=t.min_lr,
-            weight_decay=t.weight_decay,
-            adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2,
-            adam_eps=t.adam_eps,
-            clip_grad=t.clip_grad,
-            bf16=tconfig.bf16,
-            params_dtype=tconfig.params_dtype,
-            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-        ),
-        model,
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=tconfig.bf16,
+        params_dtype=tconfig.params_dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
+    optimizer = get_megatron_optimizer(optimizer_config, model,
+                                       config_overrides=lr_overrides(t.lr_mult, optimizer_config))
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

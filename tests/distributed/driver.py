@@ -1,5 +1,5 @@
 """Runs the real pretraining code under torchrun for the distributed tests and records what they
-compare: per-iteration losses (logging rank) and each rank's final local weights.
+compare: per-iteration losses (logging rank) and each rank's local weights before and after training.
 
     torchrun --nproc_per_node N tests/distributed/driver.py --config C.yaml --out DIR [--save-init] [k=v ...]
 """
@@ -54,18 +54,25 @@ def main() -> int:
     if args.save_init:
         pretrain.save(trainer)
     else:
+        torch.save(_local_weights(trainer), out / f"initial_weights_rank{rank}.pt")
         losses = pretrain.train(trainer)
         if rank == torch.distributed.get_world_size() - 1:
             (out / "losses.json").write_text(json.dumps(losses))
             (out / "expert_load.json").write_text(json.dumps(trainer.expert_balancing.imbalance_history))
-        weights = {}
-        for i, chunk in enumerate(trainer.model):
-            for name, tensor in chunk.state_dict().items():
-                if torch.is_tensor(tensor):
-                    weights[f"chunk{i}.{name}"] = tensor.detach().cpu().clone()
-        torch.save(weights, out / f"weights_rank{rank}.pt")
+        torch.save(_local_weights(trainer), out / f"weights_rank{rank}.pt")
     destroy_distributed()
     return 0
+
+
+def _local_weights(trainer) -> dict:
+    import torch
+
+    weights = {}
+    for i, chunk in enumerate(trainer.model):
+        for name, tensor in chunk.state_dict().items():
+            if torch.is_tensor(tensor):
+                weights[f"chunk{i}.{name}"] = tensor.detach().cpu().clone()
+    return weights
 
 
 def _kill_during_save(iteration: int) -> None:
