@@ -25,8 +25,17 @@ def main() -> int:
                         help="SIGKILL this process once checkpoint ITER is written but not yet published")
     parser.add_argument("--skew-expert-bias", type=float, metavar="B",
                         help="start every router's expert bias at +B for experts 0 and 1 (a skewed router)")
+    parser.add_argument("--zero-images", action="store_true",
+                        help="train on blanked generated images (the no-vision control)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.zero_images:
+        import functools
+
+        from megatron_mm.data import mock_image_caption
+
+        dataset = mock_image_caption.MockImageCaptionDataset
+        dataset.__init__ = functools.partialmethod(dataset.__init__, zero_images=True)
     if args.force_batch_p2p:
         import megatron_mm.runtime
 
