@@ -63,10 +63,11 @@ def apply_stage(chunks: list, freeze: list[str], lr_mults: list[str]) -> None:
     counts = torch.tensor([*frozen_matches, *rule_matches, trainable], dtype=torch.float64)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
-    for pattern, count in zip([*freeze, *(p for p, _ in rules)], counts.tolist()):
+    named = [*(("train.freeze", p) for p in freeze), *(("train.lr_mult", p) for p, _ in rules)]
+    for (key, pattern), count in zip(named, counts.tolist()):
         if count == 0:
-            key = "train.freeze" if pattern in freeze else "train.lr_mult"
-            raise ConfigError(f"{key} pattern {pattern!r} matches no parameter (names look like "
+            what = "parameter" if key == "train.freeze" else "trained (unfrozen) parameter"
+            raise ConfigError(f"{key} pattern {pattern!r} matches no {what} (names look like "
                               f"{_example_names(chunks)})")
     if counts[-1] == 0:
         raise ConfigError("train.freeze leaves no parameter to train")

@@ -68,7 +68,7 @@ def test_lr_multiplier_equals_scaling_the_schedule(init_checkpoint, tmp_path):
     ("train.freeze=[vision_model.*]", "train.freeze pattern 'vision_model.*' matches no parameter"),
     ("train.freeze=['*']", "train.freeze leaves no parameter to train"),  # YAML: a leading * needs quotes
     ("train.lr_mult=[encoders.*]", "train.lr_mult entry 'encoders.*' is not pattern=multiplier"),
-    ("train.lr_mult=[decoder.*=2]", "train.lr_mult pattern 'decoder.*' matches no parameter"),
+    ("train.lr_mult=[decoder.*=2]", "train.lr_mult pattern 'decoder.*' matches no trained (unfrozen) parameter"),
 ])
 def test_bad_stage_settings_are_config_errors(override, message, tmp_path):
     result = torchrun(1, tmp_path, f"train.output_dir={tmp_path}", override, config=CONFIG, check=False)
