@@ -25,6 +25,9 @@ def build_datasets(cfg: Config, tokenizer, num_samples: tuple[int, int, int]):
 
     if isinstance(cfg.model, MultimodalFamily):
         if cfg.data.mock:
+            if "audio" in cfg.model.placeholder_ids():
+                from megatron_mm.data.mock_audio_caption import build_mock_audio_caption_datasets
+                return build_mock_audio_caption_datasets(cfg, num_samples)
             from megatron_mm.data.mock_image_caption import build_mock_image_caption_datasets
 
             return build_mock_image_caption_datasets(cfg, num_samples)

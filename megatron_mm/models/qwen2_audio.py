@@ -1,0 +1,174 @@
+"""Qwen2-Audio-style audio-language models: the Whisper-style encoder of models/audio.py (average
+pooling by 2, a linear projector) in front of a Qwen2 decoder (the Llama layout with q/k/v biases;
+`qkv_bias: false` gives a Llama decoder), as a MultimodalModel (models/multimodal.py).
+
+The config is the language model's (every llama3 field, flat) plus `audio_*` fields. Every clip is
+cut to one chunk (30 s for Whisper's 1500 positions), and a sample's text holds
+`num_audio_embeddings` copies of `audio_token_id` per clip; the projected encoder states replace them
+in order. The encoder and projector live on the first pipeline stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from megatron_mm.checkpoint import hf_rules
+from megatron_mm.models.audio import (
+    AudioEncoder,
+    AudioEncoderConfig,
+    audio_config_from_hf,
+    audio_config_to_hf,
+    audio_encoder_hf_rules,
+    audio_projector_hf_rules,
+)
+from megatron_mm.models.llama import LlamaConfig
+from megatron_mm.models.multimodal import MultimodalFamily
+
+
+@dataclass
+class Qwen2AudioConfig(MultimodalFamily, LlamaConfig):
+    family: str = "qwen2_audio"
+    rotary_base: float = 10000.0
+    qkv_bias: bool = True  # Qwen2's q/k/v biases; false: a Llama decoder
+    audio_token_id: int = -1  # a vocabulary id reserved for audio placeholders (required)
+    audio_num_mel_bins: int = 128
+    audio_hidden_size: int = 64
+    audio_num_layers: int = 2
+    audio_num_attention_heads: int = 4
+    audio_ffn_hidden_size: int = 256
+    audio_max_source_positions: int = 1500
+    audio_chunk_seconds: float = 0.0  # 0: the longest the positions allow (30 s for 1500)
+    audio_pooling_stride: int = 2
+    audio_projector_type: str = "affine"  # affine (Qwen2-Audio) | mlp
+    audio_projector_ffn_hidden_size: int = 256
+
+    def audio(self) -> AudioEncoderConfig:
+        return AudioEncoderConfig(
+            num_mel_bins=self.audio_num_mel_bins,
+            hidden_size=self.audio_hidden_size,
+            num_layers=self.audio_num_layers,
+            num_attention_heads=self.audio_num_attention_heads,
+            ffn_hidden_size=self.audio_ffn_hidden_size,
+            max_source_positions=self.audio_max_source_positions,
+            pooling_stride=self.audio_pooling_stride,
+            projector_type=self.audio_projector_type,
+            projector_ffn_hidden_size=self.audio_projector_ffn_hidden_size,
+            chunk_seconds=self.audio_chunk_seconds,
+        )
+
+    @property
+    def num_audio_embeddings(self) -> int:
+        """Placeholder tokens per clip."""
+        return self.audio().embeddings_per_clip
+
+    def family_transformer_fields(self) -> dict:
+        return {**super().family_transformer_fields(), "add_qkv_bias": self.qkv_bias}
+
+    def num_parameters(self) -> tuple[int, int]:
+        total, embedding = super().num_parameters()
+        qkv_bias = (self.num_attention_heads + 2 * self.query_groups) * self.kv_channels if self.qkv_bias else 0
+        return total + self.num_layers * qkv_bias, embedding
+
+    # ---- MultimodalFamily ----------------------------------------------------------------------
+    def placeholder_ids(self) -> dict[str, int]:
+        return {"audio": self.audio_token_id}
+
+    def media_processors(self) -> dict:
+        return {"audio": self.audio().processor()}
+
+    def build_encoders(self, transformer_config, use_te: bool) -> dict[str, torch.nn.Module]:
+        return {"audio": AudioEncoder(self.audio(), transformer_config, use_te)}
+
+    def encoder_num_parameters(self) -> int:
+        return self.audio().num_parameters(self.hidden_size)
+
+    def validate(self, parallel) -> list[str]:
+        from megatron_mm.runtime import transformer_engine_available
+
+        problems = super().validate(parallel) + self.audio().validate(parallel)
+        if parallel.cp > 1 and not transformer_engine_available():
+            problems.append(f"model.family={self.family}: context parallel needs Transformer Engine")
+        if not problems and self.num_audio_embeddings >= self.max_position_embeddings:
+            problems.append(f"model.max_position_embeddings={self.max_position_embeddings} leaves no room for "
+                            f"text after {self.num_audio_embeddings} audio embeddings")
+        return problems
+
+    # ---- HuggingFace mapping: Qwen2AudioForConditionalGeneration -------------------------------
+    # Saved checkpoints name the encoder `audio_tower.*`, the projector `multi_modal_projector.linear`
+    # and the decoder `language_model.model.*` / `language_model.lm_head`.
+    HF_ARCHITECTURES = ("Qwen2AudioForConditionalGeneration",)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict):
+        text, hf_audio = hf.get("text_config") or {}, hf.get("audio_config") or {}
+        problems: list[str] = []
+        language = text.get("model_type", "qwen2")
+        if language == "llama":  # LlamaConfig raises, naming what it cannot represent
+            llama = LlamaConfig.from_hf_config(text)
+            fields = {f.name: getattr(llama, f.name) for f in dataclasses.fields(LlamaConfig) if f.name != "family"}
+            fields["qkv_bias"] = False
+        elif language == "qwen2":
+            hf_rules.check_equal(text, problems, "hidden_act", "silu", "silu")
+            hf_rules.check_equal(text, problems, "use_sliding_window", False, False)
+            fields = dict(hf_rules.decoder_fields_from_hf(text), rotary_base=hf_rules.plain_rope(text, problems))
+        else:
+            problems.append(f"text model_type={language!r} (only qwen2 and llama)")
+            fields = {}
+        fields["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+        audio = audio_config_from_hf(hf_audio, problems)
+        hf_rules.unsupported("Qwen2AudioForConditionalGeneration", problems)
+        return cls(
+            **fields,
+            audio_token_id=hf.get("audio_token_id", hf.get("audio_token_index", -1)),
+            audio_num_mel_bins=audio.num_mel_bins,
+            audio_hidden_size=audio.hidden_size,
+            audio_num_layers=audio.num_layers,
+            audio_num_attention_heads=audio.num_attention_heads,
+            audio_ffn_hidden_size=audio.ffn_hidden_size,
+            audio_max_source_positions=audio.max_source_positions,
+        )
+
+    def to_hf_config(self) -> dict:
+        if self.audio_pooling_stride != 2 or self.audio_projector_type != "affine":
+            raise ValueError("Qwen2-Audio pools by 2 and projects with one linear; this model has "
+                             f"audio_pooling_stride={self.audio_pooling_stride}, "
+                             f"audio_projector_type={self.audio_projector_type!r}")
+        if self.qkv_bias:
+            text = hf_rules.decoder_fields_to_hf(self, "Qwen2ForCausalLM", "qwen2")
+            text.update(hidden_act="silu", use_sliding_window=False,
+                        rope_parameters=hf_rules.rope_parameters(self.rotary_base))
+        else:
+            text = LlamaConfig.to_hf_config(self)
+        del text["architectures"], text["tie_word_embeddings"]  # the latter lives at the top level
+        return {
+            "architectures": list(self.HF_ARCHITECTURES),
+            "model_type": "qwen2_audio",
+            "audio_token_index": self.audio_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "text_config": text,
+            "audio_config": audio_config_to_hf(self.audio()),
+        }
+
+    def hf_rules(self) -> list:
+        from megatron_mm.checkpoint.hf_rules import Rule
+
+        language = hf_rules.embedding_rules(self)
+        for layer in range(self.num_layers):
+            o, h = f"decoder.layers.{layer}", f"model.layers.{layer}"
+            language += hf_rules.attention_rules(self, layer, qk_norm=False)
+            if self.qkv_bias:
+                language.append(hf_rules.fused_qkv(
+                    f"{o}.self_attention.linear_qkv.bias", f"{h}.self_attn.q_proj.bias", f"{h}.self_attn.k_proj.bias",
+                    f"{h}.self_attn.v_proj.bias", self.num_attention_heads, self.query_groups, self.kv_channels))
+            language += hf_rules.gated_mlp_rules(f"{o}.mlp", f"{h}.mlp")
+        language = [Rule(f"language_model.{rule.ours}", tuple(f"language_model.{name}" for name in rule.hf),
+                         rule.to_ours, rule.to_hf) for rule in language]
+        audio = self.audio()
+        return (language + audio_encoder_hf_rules(audio, ours="encoders.audio", hf="audio_tower")
+                + audio_projector_hf_rules(audio, ours="encoders.audio.projector", hf="multi_modal_projector"))
+
+
+CONFIG_CLASS = Qwen2AudioConfig
