@@ -117,7 +117,9 @@ class Qwen2AudioConfig(MultimodalFamily, LlamaConfig):
         else:
             problems.append(f"text model_type={language!r} (only qwen2 and llama)")
             fields = {}
-        fields["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+        # transformers' Qwen2AudioForConditionalGeneration never ties lm_head to the embedding,
+        # whatever the config says: it always reads its own lm_head.
+        fields["tie_word_embeddings"] = False
         audio = audio_config_from_hf(hf_audio, problems)
         hf_rules.unsupported("Qwen2AudioForConditionalGeneration", problems)
         return cls(
@@ -147,15 +149,18 @@ class Qwen2AudioConfig(MultimodalFamily, LlamaConfig):
             "architectures": list(self.HF_ARCHITECTURES),
             "model_type": "qwen2_audio",
             "audio_token_index": self.audio_token_id,
-            "tie_word_embeddings": self.tie_word_embeddings,
+            "tie_word_embeddings": False,
             "text_config": text,
             "audio_config": audio_config_to_hf(self.audio()),
         }
 
     def hf_rules(self) -> list:
+        """A tied model writes its embedding twice, as transformers reads an lm_head of its own."""
         from megatron_mm.checkpoint.hf_rules import Rule
 
         language = hf_rules.embedding_rules(self)
+        if self.tie_word_embeddings:
+            language[0] = hf_rules.duplicated(language[0].ours, (*language[0].hf, "lm_head.weight"))
         for layer in range(self.num_layers):
             o, h = f"decoder.layers.{layer}", f"model.layers.{layer}"
             language += hf_rules.attention_rules(self, layer, qk_norm=False)

@@ -17,6 +17,7 @@ FAMILIES = {
     "qwen2_vl": "megatron_mm.models.qwen2_vl",
     "qwen2_5_vl": "megatron_mm.models.qwen2_5_vl",
     "qwen2_vl_moe": "megatron_mm.models.qwen2_vl_moe",
+    "qwen2_audio": "megatron_mm.models.qwen2_audio",
 }
 
 
