@@ -7,6 +7,9 @@ projector (models/audio.py), against transformers' own implementations.
   multi_modal_projector (pooling 2, linear), tiny random towers with every tensor perturbed,
   weights mapped by audio_encoder_hf_rules / audio_projector_hf_rules; several clips in one call
   against one call per clip; the MLP projector against plain torch on the same weights.
+- The qwen2_audio family (examples/configs/tiny_audio_lm.yaml): its generated tone-caption samples,
+  its layout checks, and 150 steps of the pretraining loop after which fresh samples' captions are
+  predicted far better than any model that does not hear the clip can, and far worse once silenced.
 
 Building megatron-core modules needs torch.distributed and the CPU patches of runtime/cpu_compat.py:
 those checks run in a fresh Python process (this file as a script) so that neither leaks into other
@@ -278,5 +281,104 @@ def test_positions_stay_fixed_and_the_rest_trains(encoder_checks):
     assert all(has_grad and trainable for has_grad, trainable in grads.values()), grads
 
 
+# ---- the tiny audio-language model learns from the clips, in a fresh process -----------------------
+TINY_AUDIO_LM = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny_audio_lm.yaml"
+LEARNING_STEPS = 150
+
+
+def _audio_blind_loss() -> float:
+    """The lowest mean caption loss without hearing the clip: 2-4 pitches drawn uniformly, each of
+    three; only the caption's length so far tells anything about eod."""
+    import math
+
+    lengths = (2, 3, 4)
+    total = tokens = 0.0
+    for n in lengths:
+        for k in range(n + 1):  # predicting word k+1 (or eod when k == n) after k words
+            longer = sum(1 for m in lengths if m > k) / sum(1 for m in lengths if m >= k)
+            total += -math.log(1.0 - longer) if k == n else -math.log(longer / 3)
+        tokens += n + 1
+    return total / tokens
+
+
+def test_generated_samples_hold_one_clip_and_its_caption():
+    from megatron_mm.config import load_config
+    from megatron_mm.data.mock_audio_caption import caption_vocabulary
+    from megatron_mm.data.synthetic_mm import audio_caption
+    from megatron_mm.training.data import MicroBatches, build_datasets
+
+    cfg = load_config(TINY_AUDIO_LM)
+    train, valid, test = build_datasets(cfg, None, (8, 4, 0))
+    assert (len(train), len(valid), test) == (8, 4, None)
+    n, audio_id = cfg.model.num_audio_embeddings, cfg.model.audio_token_id
+    assert n == 25  # 1 s: 100 frames -> 50 positions -> pooled by 2
+    sample = train[0]
+    assert sample["audio_features"].shape == (1, 80, 100)
+    assert (sample["tokens"] == audio_id).sum() == n and (sample["tokens"][1:1 + n] == audio_id).all()
+    words = [caption_vocabulary()[w] for w in audio_caption(train.attributes(0)).split()]
+    caption = sample["loss_mask"].nonzero().squeeze(1)
+    assert sample["labels"][caption].tolist() == words + [0]  # the pitches in order, then eod
+    batch = next(MicroBatches(train, 0, 4, 0, 1))
+    assert batch["audio_features"].shape == (4, 80, 100) and batch["tokens"].shape == (4, cfg.data.seq_length)
+
+
+def test_layout_problems_name_the_audio_field():
+    from megatron_mm.config import ConfigError, load_config
+    from megatron_mm.runtime.layout import validate_layout
+
+    for world, overrides, message in (
+            (2, ["parallel.tp=2", "model.audio_num_attention_heads=3", "model.audio_hidden_size=48"],
+             "audio num_attention_heads=3 is not divisible by parallel.tp=2"),
+            (1, ["model.audio_chunk_seconds=2.0"], "max_source_positions=50"),
+            (1, ["model.max_position_embeddings=20", "data.seq_length=20"], "leaves no room for text"),
+            (1, ["model.audio_token_id=300"], "model.audio_token_id=300 is outside the vocabulary")):
+        with pytest.raises(ConfigError) as err:
+            validate_layout(load_config(TINY_AUDIO_LM, overrides), world, have_te=False)
+        assert message in str(err.value)
+
+
+def _learning_main(output_dir: str) -> None:
+    """Trains tiny_audio_lm with the pretraining loop, then measures the caption loss of fresh
+    samples with their clips and with every clip replaced by silence."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from megatron_mm.config import load_config
+    from megatron_mm.data.mock_audio_caption import MockAudioCaptionDataset
+    from megatron_mm.training import pretrain
+    from megatron_mm.training.data import MicroBatches
+
+    cfg = load_config(TINY_AUDIO_LM, [f"train.train_iters={LEARNING_STEPS}", "train.lr_warmup_iters=10",
+                                      "train.lr_decay_style=constant", "train.log_interval=50", "train.save_interval=0",
+                                      f"train.output_dir={output_dir}"])
+    trainer = pretrain.setup(cfg)
+    losses = pretrain.train(trainer)
+    model = trainer.model[0].eval()
+    batch = next(MicroBatches(MockAudioCaptionDataset(cfg, 64, split=2), 0, 64, 0, 1))
+    silence = cfg.model.media_processors()["audio"](numpy.zeros(SAMPLE_RATE, numpy.float32))[0]["audio_features"]
+    results = {"first_loss": losses[1], "last_loss": losses[LEARNING_STEPS]}
+    for name, features in (("with_audio", batch["audio_features"]),
+                           ("silenced", silence.expand_as(batch["audio_features"]).contiguous())):
+        with torch.no_grad():
+            per_token = pretrain.model_forward(model, {**batch, "audio_features": features}, with_labels=True)
+        results[name] = ((per_token * batch["loss_mask"]).sum() / batch["loss_mask"].sum()).item()
+    print(json.dumps(results))
+
+
+def test_tiny_audio_lm_learns_the_pitches_from_the_clips(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1")
+    result = subprocess.run([sys.executable, __file__, "learning", str(tmp_path)], capture_output=True, text=True,
+                            env=env, timeout=600, cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    c = json.loads(result.stdout.strip().splitlines()[-1])
+    blind = _audio_blind_loss()
+    print(f"{LEARNING_STEPS} steps: training loss {c['first_loss']:.2f} -> {c['last_loss']:.2f}; fresh samples "
+          f"{c['with_audio']:.3f} with their clips, {c['silenced']:.3f} silenced; best without audio {blind:.3f}")
+    assert c["with_audio"] < 0.5 * blind  # what no audio-blind model can reach
+    assert c["silenced"] > blind > c["with_audio"]
+
+
 if __name__ == "__main__":
-    _encoder_checks_main()
+    if sys.argv[1:2] == ["learning"]:
+        _learning_main(sys.argv[2])
+    else:
+        _encoder_checks_main()
