@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_mm.checkpoint.hf_rules import Rule, fused_qkv, same
@@ -206,6 +207,16 @@ def _backend_modules(use_te: bool):
     return WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear, DotProductAttention
 
 
+class AffineProjectorLinear(ColumnParallelLinear):
+    """The affine projector's linear, on both backends: it gathers its output across tensor-parallel
+    ranks with the bias already added. megatron-core's affine MultimodalProjector asks for the bias
+    apart (skip_bias_add) and would add this rank's shard of it to the gathered output; TE linears
+    cannot gather."""
+
+    def __init__(self, *args, skip_bias_add: bool = False, **kwargs):
+        super().__init__(*args, skip_bias_add=False, **kwargs)
+
+
 def sinusoidal_positions(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
     """[length, channels]: sines then cosines of position / max_timescale^(i / (channels/2 - 1))."""
     half = channels // 2
@@ -237,8 +248,9 @@ class AudioEncoder(MegatronModule):
         self.block = TransformerBlock(config, audio.layer_spec(use_te), post_layer_norm=False)
         norm, column, row, _ = _backend_modules(use_te)
         self.final_layernorm = build_module(norm, config=config, hidden_size=h, eps=audio.norm_epsilon)
+        fc1 = column if audio.projector_type == "mlp" else AffineProjectorLinear
         self.projector = MultimodalProjector(audio.projector_transformer_config(language_config),
-                                             MLPSubmodules(linear_fc1=column, linear_fc2=row),
+                                             MLPSubmodules(linear_fc1=fc1, linear_fc2=row),
                                              audio.projector_type, h)
 
     def features(self, audio_features: torch.Tensor) -> torch.Tensor:
