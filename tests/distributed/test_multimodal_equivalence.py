@@ -12,8 +12,9 @@ and in test_moe_equivalence.py.)"""
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import read_losses, torchrun
+from conftest import read_losses, read_weights, torchrun
 from test_parallel_equivalence import assert_same_losses
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
@@ -71,10 +72,6 @@ def test_layout_matches_single_rank(model, layout, tmp_path, tmp_path_factory):
 def test_resume_equals_uninterrupted_run(tmp_path):
     """Qwen2-VL-style model at PP2 (encoder on stage 0): 6 steps straight equal 3 + stop + resume 3,
     losses and every weight bit for bit (the generated data is a function of the sample index)."""
-    import torch
-
-    from conftest import read_weights
-
     config, six = MODELS["qwen2_vl"][0], ("train.train_iters=6", "parallel.pp=2")
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     torchrun(2, straight, f"train.output_dir={straight}", *six, config=config)
