@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_mm.checkpoint.hf_rules import Rule, fused_qkv, same
 from megatron_mm.data.audio_features import HOP_LENGTH, MEL_BINS, SAMPLE_RATE, encoder_output_length
+from megatron_mm.models.vision import AffineProjectorLinear
 
 PROJECTOR_TYPES = ("affine", "mlp")
 
@@ -205,16 +205,6 @@ def _backend_modules(use_te: bool):
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     return WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear, DotProductAttention
-
-
-class AffineProjectorLinear(ColumnParallelLinear):
-    """The affine projector's linear, on both backends: it gathers its output across tensor-parallel
-    ranks with the bias already added. megatron-core's affine MultimodalProjector asks for the bias
-    apart (skip_bias_add) and would add this rank's shard of it to the gathered output; TE linears
-    cannot gather."""
-
-    def __init__(self, *args, skip_bias_add: bool = False, **kwargs):
-        super().__init__(*args, skip_bias_add=False, **kwargs)
 
 
 def sinusoidal_positions(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:

@@ -22,6 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_mm.checkpoint.hf_rules import Rule, fused_qkv, same
@@ -202,11 +203,12 @@ class VisionEncoderConfig:
         spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.no_mask}
         return spec
 
-    @staticmethod
-    def projector_spec(use_te: bool):
-        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    def projector_spec(self, use_te: bool):
+        from megatron.core.tensor_parallel.layers import RowParallelLinear
         from megatron.core.transformer.mlp import MLPSubmodules
 
+        if self.projector_type == "affine":
+            return MLPSubmodules(linear_fc1=AffineProjectorLinear)
         if use_te:
             from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
 
@@ -310,6 +312,16 @@ class ResamplerProjector(MegatronModule):
         hidden = self.block(queries, attention_mask=None, context=context, context_mask=None)
         output, _ = self.output(hidden.transpose(0, 1).reshape(-1, hidden.shape[-1]))
         return output
+
+
+class AffineProjectorLinear(ColumnParallelLinear):
+    """The affine projector's linear, on both backends: it gathers its output across tensor-parallel
+    ranks with the bias already added. megatron-core's affine MultimodalProjector asks for the bias
+    apart (skip_bias_add) and would add this rank's shard of it to the gathered output; TE linears
+    cannot gather."""
+
+    def __init__(self, *args, skip_bias_add: bool = False, **kwargs):
+        super().__init__(*args, skip_bias_add=False, **kwargs)
 
 
 def build_projector(vision: VisionEncoderConfig, language_config, use_te: bool) -> torch.nn.Module:

@@ -3,7 +3,7 @@ TP2xPP2 (encoders on the first stage) from the same initial weights, as test_par
 does for text: the LLaVA-style model (examples/configs/tiny_llava.yaml: CLIP ViT + MLP projector +
 Llama) and the Qwen2-VL-style one (tiny_qwen2_vl.yaml: native-resolution ViT on images of several
 sizes in one micro-batch, M-RoPE decoder), both on generated shape-image captions; the LLaVA-style
-model with a learned-query resampler projector under TP2; and the vision-language MoE
+model with a learned-query resampler or an affine projector under TP2; and the vision-language MoE
 (tiny_qwen2_vl_moe.yaml: that encoder in front of a Qwen3-MoE decoder) under EP2 and PP2. (Its
 TP2+SP run differs from one rank by ~1e-4 at step 3: TP's reordered sums flip a near-tied top-k
 choice of the tiny router; tensor parallelism of the encoders and of MoE decoders is covered above
@@ -22,6 +22,7 @@ MODELS = {  # config, overrides
     "llava": (CONFIGS / "tiny_llava.yaml", []),
     "qwen2_vl": (CONFIGS / "tiny_qwen2_vl.yaml", []),
     "llava_resampler": (CONFIGS / "tiny_llava.yaml", ["model.projector_type=resampler", "model.resampler_num_queries=8"]),
+    "llava_affine": (CONFIGS / "tiny_llava.yaml", ["model.projector_type=affine"]),
     "qwen2_vl_moe": (CONFIGS / "tiny_qwen2_vl_moe.yaml", []),
 }
 
@@ -36,7 +37,7 @@ LAYOUTS = {
 
 DENSE_LAYOUTS = ("tp2", "tp2_sp", "pp2", "tp2_pp2")
 CASES = [(model, layout) for model in ("llava", "qwen2_vl") for layout in DENSE_LAYOUTS] + [
-    ("llava_resampler", "tp2"), ("qwen2_vl_moe", "ep2"), ("qwen2_vl_moe", "pp2")]
+    ("llava_resampler", "tp2"), ("llava_affine", "tp2"), ("qwen2_vl_moe", "ep2"), ("qwen2_vl_moe", "pp2")]
 _single_rank_runs: dict[str, tuple[Path, dict[int, float]]] = {}
 
 
