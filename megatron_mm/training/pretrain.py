@@ -343,7 +343,7 @@ def train(trainer: Trainer) -> dict:
     for model_chunk in trainer.model:
         model_chunk.train()
     while trainer.iteration < stop_at:
-        lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this step applies
+        lr = base_lr(trainer.optimizer)  # the rate this step applies
         loss, grad_norm = train_step(trainer, batches)
         trainer.iteration += 1
         losses[trainer.iteration] = loss
@@ -368,6 +368,13 @@ def train(trainer: Trainer) -> dict:
     if logger.enabled:
         print(f"TensorBoard logs: {logger.tensorboard_dir}\nloss curve: {logger.loss_png}", flush=True)
     return losses
+
+
+def base_lr(optimizer) -> float:
+    """The schedule's own rate: that of a param group without an lr multiplier (train.lr_mult),
+    else of the first group."""
+    groups = optimizer.param_groups
+    return next((g["lr"] for g in groups if g.get("default_config", True)), groups[0]["lr"])
 
 
 def save(trainer: Trainer) -> None:
