@@ -60,7 +60,8 @@ def apply_stage(chunks: list, freeze: list[str], lr_mults: list[str]) -> None:
                     rule_matches[i] += 1
                     setattr(param, _rule_attribute(i), True)
                     break
-    counts = torch.tensor([*frozen_matches, *rule_matches, trainable], dtype=torch.float64)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL reduces CUDA tensors
+    counts = torch.tensor([*frozen_matches, *rule_matches, trainable], dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
     named = [*(("train.freeze", p) for p in freeze), *(("train.lr_mult", p) for p, _ in rules)]
