@@ -18,29 +18,12 @@ BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
 def build_datasets(cfg: Config, tokenizer, num_samples: tuple[int, int, int]):
-    """(train, valid, test) GPT datasets; valid/test may be None."""
+    """(train, valid, test) datasets; valid/test may be None."""
     from megatron_mm.data.gpt_data import build_gpt_datasets
-
     from megatron_mm.models.multimodal import MultimodalFamily
 
     if isinstance(cfg.model, MultimodalFamily):
-        if cfg.data.mock:
-            if "audio" in cfg.model.placeholder_ids():
-                from megatron_mm.data.mock_audio_caption import build_mock_audio_caption_datasets
-                return build_mock_audio_caption_datasets(cfg, num_samples)
-            from megatron_mm.data.mock_image_caption import build_mock_image_caption_datasets
-
-            return build_mock_image_caption_datasets(cfg, num_samples)
-        from megatron_mm.data.mm_training import build_mm_datasets, format_packing_stats
-
-        datasets = build_mm_datasets(cfg, cfg.model.media_processors(), num_samples, cfg.model.position_ids,
-                                     pad_token_id=tokenizer.pad)
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            for name, dataset in zip(("train", "valid", "test"), datasets):
-                if dataset is not None:
-                    print(format_packing_stats(name, dataset.stats), flush=True)
-        return datasets
-
+        return _multimodal_datasets(cfg, tokenizer, num_samples)
     return build_gpt_datasets(
         blend=cfg.data.blend,
         split=cfg.data.split,
@@ -52,6 +35,28 @@ def build_datasets(cfg: Config, tokenizer, num_samples: tuple[int, int, int]):
         mock=cfg.data.mock,
         vocab_size=cfg.model.vocab_size,
     )
+
+
+def _multimodal_datasets(cfg: Config, tokenizer, num_samples: tuple[int, int, int]):
+    """Generated captions (data.mock: tones for audio families, shapes otherwise), or packed
+    samples of mm_indexed prefixes (data.blend)."""
+    if cfg.data.mock:
+        if "audio" in cfg.model.placeholder_ids():
+            from megatron_mm.data.mock_audio_caption import build_mock_audio_caption_datasets
+
+            return build_mock_audio_caption_datasets(cfg, num_samples)
+        from megatron_mm.data.mock_image_caption import build_mock_image_caption_datasets
+
+        return build_mock_image_caption_datasets(cfg, num_samples)
+    from megatron_mm.data.mm_training import build_mm_datasets, format_packing_stats
+
+    datasets = build_mm_datasets(cfg, cfg.model.media_processors(), num_samples, cfg.model.position_ids,
+                                 pad_token_id=tokenizer.pad)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        for name, dataset in zip(("train", "valid", "test"), datasets):
+            if dataset is not None:
+                print(format_packing_stats(name, dataset.stats), flush=True)
+    return datasets
 
 
 class MicroBatches:
