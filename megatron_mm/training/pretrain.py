@@ -400,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         trainer = setup(cfg)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {err}\n")  # one write: ranks sharing stderr do not interleave a line
+        sys.stderr.flush()
         return 2
     try:
         train(trainer)

@@ -54,7 +54,8 @@ def main() -> int:
     try:
         trainer = pretrain.setup(load_config(args.config, args.overrides))
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {err}\n")  # one write: ranks sharing stderr do not interleave a line
+        sys.stderr.flush()
         return 2
     rank = torch.distributed.get_rank()
     if args.skew_expert_bias:
