@@ -7,7 +7,8 @@ model with a learned-query resampler or an affine projector under TP2; and the v
 (tiny_qwen2_vl_moe.yaml: that encoder in front of a Qwen3-MoE decoder) under EP2 and PP2. (Its
 TP2+SP run differs from one rank by ~1e-4 at step 3: TP's reordered sums flip a near-tied top-k
 choice of the tiny router; tensor parallelism of the encoders and of MoE decoders is covered above
-and in test_moe_equivalence.py.)"""
+and in test_moe_equivalence.py.) The audio-language model (tiny_audio_lm.yaml: Whisper-style encoder,
+pooling, affine projector, Qwen2 decoder, on generated tone captions) under TP2+SP and PP2."""
 
 from pathlib import Path
 
@@ -24,6 +25,7 @@ MODELS = {  # config, overrides
     "llava_resampler": (CONFIGS / "tiny_llava.yaml", ["model.projector_type=resampler", "model.resampler_num_queries=8"]),
     "llava_affine": (CONFIGS / "tiny_llava.yaml", ["model.projector_type=affine"]),
     "qwen2_vl_moe": (CONFIGS / "tiny_qwen2_vl_moe.yaml", []),
+    "qwen2_audio": (CONFIGS / "tiny_audio_lm.yaml", []),
 }
 
 LAYOUTS = {
@@ -37,7 +39,8 @@ LAYOUTS = {
 
 DENSE_LAYOUTS = ("tp2", "tp2_sp", "pp2", "tp2_pp2")
 CASES = [(model, layout) for model in ("llava", "qwen2_vl") for layout in DENSE_LAYOUTS] + [
-    ("llava_resampler", "tp2"), ("llava_affine", "tp2"), ("qwen2_vl_moe", "ep2"), ("qwen2_vl_moe", "pp2")]
+    ("llava_resampler", "tp2"), ("llava_affine", "tp2"), ("qwen2_vl_moe", "ep2"), ("qwen2_vl_moe", "pp2"),
+    ("qwen2_audio", "tp2_sp"), ("qwen2_audio", "pp2")]
 _single_rank_runs: dict[str, tuple[Path, dict[int, float]]] = {}
 
 
