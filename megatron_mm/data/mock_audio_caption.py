@@ -4,10 +4,8 @@ clip's pitches in order ("low high mid")."""
 
 from __future__ import annotations
 
-import torch
-
 from megatron_mm.config import Config
-from megatron_mm.data.mock_image_caption import BOS, EOD, FIRST_WORD, PROMPT
+from megatron_mm.data.mock_image_caption import FIRST_WORD, caption_sample, check_caption_ids
 
 
 def caption_vocabulary() -> dict[str, int]:
@@ -38,11 +36,7 @@ class MockAudioCaptionDataset:
         self.processor = cfg.model.media_processors()["audio"]
         self.audio_token = cfg.model.placeholder_ids()["audio"]
         self.word_ids = caption_vocabulary()
-        used = {EOD, BOS, PROMPT, *self.word_ids.values()}
-        if self.audio_token in used:
-            raise ValueError(f"model.audio_token_id={self.audio_token} collides with the caption ids 0-{max(used)}")
-        if max(used) >= cfg.model.vocab_size:
-            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < {max(used) + 1} caption ids")
+        check_caption_ids(cfg, "audio", self.word_ids)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -63,14 +57,4 @@ class MockAudioCaptionDataset:
         waveform = synthetic_mm.render_tones(attributes).astype(numpy.float32) / 32768
         media, num_placeholders = self.processor(waveform)
         caption = [self.word_ids[w] for w in synthetic_mm.audio_caption(attributes).split()]
-        text = [BOS, *[self.audio_token] * num_placeholders, PROMPT, *caption, EOD]
-        if len(text) > self.seq_length:
-            raise ValueError(f"audio and caption take {len(text)} tokens; data.seq_length={self.seq_length}")
-        tokens = torch.full((self.seq_length,), EOD, dtype=torch.long)
-        tokens[: len(text)] = torch.tensor(text)
-        labels = torch.cat([tokens[1:], tokens.new_full((1,), EOD)])
-        loss_mask = torch.zeros(self.seq_length)
-        first = 1 + num_placeholders  # the prompt predicts the first caption word
-        loss_mask[first : len(text) - 1] = 1.0
-        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
-                "position_ids": self.model.position_ids(tokens, media), **media}
+        return caption_sample(self.model, self.seq_length, self.audio_token, num_placeholders, media, caption)

@@ -24,6 +24,32 @@ def caption_vocabulary() -> dict[str, int]:
     return {w: FIRST_WORD + i for i, w in enumerate(words)}
 
 
+def check_caption_ids(cfg: Config, modality: str, word_ids: dict[str, int]) -> None:
+    """The placeholder id must not be a caption id, and every caption id must be in the vocabulary."""
+    used = {EOD, BOS, PROMPT, *word_ids.values()}
+    token = cfg.model.placeholder_ids()[modality]
+    if token in used:
+        raise ValueError(f"model.{modality}_token_id={token} collides with the caption ids 0-{max(used)}")
+    if max(used) >= cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < {max(used) + 1} caption ids")
+
+
+def caption_sample(model, seq_length: int, placeholder_id: int, num_placeholders: int, media: dict,
+                   caption: list[int]) -> dict:
+    """[bos, placeholder x num_placeholders, prompt, caption..., eod, pad...] of seq_length tokens with
+    its media; loss only on the caption and eod."""
+    text = [BOS, *[placeholder_id] * num_placeholders, PROMPT, *caption, EOD]
+    if len(text) > seq_length:
+        raise ValueError(f"media and caption take {len(text)} tokens; data.seq_length={seq_length}")
+    tokens = torch.full((seq_length,), EOD, dtype=torch.long)
+    tokens[: len(text)] = torch.tensor(text)
+    labels = torch.cat([tokens[1:], tokens.new_full((1,), EOD)])
+    loss_mask = torch.zeros(seq_length)
+    loss_mask[1 + num_placeholders : len(text) - 1] = 1.0  # from the prompt (predicts the first word) on
+    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
+            "position_ids": model.position_ids(tokens, media), **media}
+
+
 def build_mock_image_caption_datasets(cfg: Config, num_samples: tuple[int, int, int]):
     from megatron_mm.config import ConfigError
 
@@ -49,11 +75,7 @@ class MockImageCaptionDataset:
         self.processor = cfg.model.media_processors()["image"]
         self.image_token = cfg.model.placeholder_ids()["image"]
         self.word_ids = caption_vocabulary()
-        used = {EOD, BOS, PROMPT, *self.word_ids.values()}
-        if self.image_token in used:
-            raise ValueError(f"model.image_token_id={self.image_token} collides with the caption ids 0-{max(used)}")
-        if max(used) >= cfg.model.vocab_size:
-            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < {max(used) + 1} caption ids")
+        check_caption_ids(cfg, "image", self.word_ids)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -80,14 +102,4 @@ class MockImageCaptionDataset:
             image = numpy.zeros_like(image)
         media, num_placeholders = self.processor(image)
         caption = [self.word_ids[w] for w in synthetic_mm.image_caption(attributes).split()]
-        text = [BOS, *[self.image_token] * num_placeholders, PROMPT, *caption, EOD]
-        if len(text) > self.seq_length:
-            raise ValueError(f"image and caption take {len(text)} tokens; data.seq_length={self.seq_length}")
-        tokens = torch.full((self.seq_length,), EOD, dtype=torch.long)
-        tokens[: len(text)] = torch.tensor(text)
-        labels = torch.cat([tokens[1:], tokens.new_full((1,), EOD)])
-        loss_mask = torch.zeros(self.seq_length)
-        first = 1 + num_placeholders  # the prompt predicts the first caption word
-        loss_mask[first : len(text) - 1] = 1.0
-        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
-                "position_ids": self.model.position_ids(tokens, media), **media}
+        return caption_sample(self.model, self.seq_length, self.image_token, num_placeholders, media, caption)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -53,6 +54,24 @@ class LlamaConfig(DecoderConfig):
 
     def hf_rules(self) -> list:
         return hf_rules.dense_decoder_rules(self, qk_norm=False)
+
+
+def llama_or_qwen2_fields(text: dict, problems: list[str], default_type: str) -> dict:
+    """LlamaConfig fields plus `qkv_bias` from a multimodal model's HF text_config holding a Llama or
+    a Qwen2 decoder (Qwen2: the Llama layout with q/k/v biases and plain RoPE); problems collects
+    what cannot be represented."""
+    language = text.get("model_type", default_type)
+    if language == "llama":  # LlamaConfig raises, naming what it cannot represent
+        llama = LlamaConfig.from_hf_config(text)
+        fields = {f.name: getattr(llama, f.name) for f in dataclasses.fields(LlamaConfig) if f.name != "family"}
+        return {**fields, "qkv_bias": False}
+    if language == "qwen2":
+        hf_rules.check_equal(text, problems, "hidden_act", "silu", "silu")
+        hf_rules.check_equal(text, problems, "use_sliding_window", False, False)
+        return dict(hf_rules.decoder_fields_from_hf(text), rotary_base=hf_rules.plain_rope(text, problems),
+                    qkv_bias=True)
+    problems.append(f"text model_type={language!r} (only llama and qwen2)")
+    return {}
 
 
 CONFIG_CLASS = LlamaConfig

@@ -10,13 +10,12 @@ replace them in order. The encoder and projector live on the first pipeline stag
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from megatron_mm.checkpoint import hf_rules
-from megatron_mm.models.llama import LlamaConfig
+from megatron_mm.models.llama import LlamaConfig, llama_or_qwen2_fields
 from megatron_mm.models.multimodal import MultimodalFamily
 from megatron_mm.models.vision import ImageTower, VisionEncoderConfig
 
@@ -117,18 +116,7 @@ class LlavaConfig(MultimodalFamily, LlamaConfig):
 
         text, hf_vision = hf.get("text_config") or {}, hf.get("vision_config") or {}
         problems: list[str] = []
-        language = text.get("model_type", "llama")
-        if language == "llama":  # LlamaConfig raises, naming what it cannot represent
-            llama = LlamaConfig.from_hf_config(text)
-            fields = {f.name: getattr(llama, f.name) for f in dataclasses.fields(LlamaConfig) if f.name != "family"}
-        elif language == "qwen2":
-            hf_rules.check_equal(text, problems, "hidden_act", "silu", "silu")
-            hf_rules.check_equal(text, problems, "use_sliding_window", False, False)
-            fields = dict(hf_rules.decoder_fields_from_hf(text), rotary_base=hf_rules.plain_rope(text, problems),
-                          qkv_bias=True)
-        else:
-            problems.append(f"text model_type={language!r} (only llama and qwen2)")
-            fields = {}
+        fields = llama_or_qwen2_fields(text, problems, default_type="llama")
         fields["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
         hf_rules.check_equal(hf, problems, "projector_hidden_act", "gelu", "gelu")
         hf_rules.check_equal(hf, problems, "multimodal_projector_bias", True, True)

@@ -10,7 +10,6 @@ in order. The encoder and projector live on the first pipeline stage.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,7 @@ from megatron_mm.models.audio import (
     audio_encoder_hf_rules,
     audio_projector_hf_rules,
 )
-from megatron_mm.models.llama import LlamaConfig
+from megatron_mm.models.llama import LlamaConfig, llama_or_qwen2_fields
 from megatron_mm.models.multimodal import MultimodalFamily
 
 
@@ -105,18 +104,7 @@ class Qwen2AudioConfig(MultimodalFamily, LlamaConfig):
     def from_hf_config(cls, hf: dict):
         text, hf_audio = hf.get("text_config") or {}, hf.get("audio_config") or {}
         problems: list[str] = []
-        language = text.get("model_type", "qwen2")
-        if language == "llama":  # LlamaConfig raises, naming what it cannot represent
-            llama = LlamaConfig.from_hf_config(text)
-            fields = {f.name: getattr(llama, f.name) for f in dataclasses.fields(LlamaConfig) if f.name != "family"}
-            fields["qkv_bias"] = False
-        elif language == "qwen2":
-            hf_rules.check_equal(text, problems, "hidden_act", "silu", "silu")
-            hf_rules.check_equal(text, problems, "use_sliding_window", False, False)
-            fields = dict(hf_rules.decoder_fields_from_hf(text), rotary_base=hf_rules.plain_rope(text, problems))
-        else:
-            problems.append(f"text model_type={language!r} (only qwen2 and llama)")
-            fields = {}
+        fields = llama_or_qwen2_fields(text, problems, default_type="qwen2")
         # transformers' Qwen2AudioForConditionalGeneration never ties lm_head to the embedding,
         # whatever the config says: it always reads its own lm_head.
         fields["tie_word_embeddings"] = False
