@@ -30,6 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_mm.checkpoint.hf_rules import Rule, fused_qkv, same
 from megatron_mm.data.audio_features import HOP_LENGTH, MEL_BINS, SAMPLE_RATE, encoder_output_length
+from megatron_mm.models.multimodal import encoder_base_config
 from megatron_mm.models.vision import AffineProjectorLinear
 
 PROJECTOR_TYPES = ("affine", "mlp")
@@ -119,7 +120,7 @@ class AudioEncoderConfig:
         """The encoder layers' TransformerConfig: the language config's precision and TP with this
         encoder's shape; no PP/SP/CP or recomputation (the encoder runs whole on the first stage)."""
         return dataclasses.replace(
-            language_config,
+            encoder_base_config(language_config),
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
             ffn_hidden_size=self.ffn_hidden_size,
@@ -137,13 +138,9 @@ class AudioEncoderConfig:
             attention_dropout=0.0,
             bias_activation_fusion=False,
             apply_rope_fusion=False,
-            pipeline_model_parallel_size=1,
-            virtual_pipeline_model_parallel_size=None,
             pipeline_model_parallel_layout=None,
             num_layers_in_first_pipeline_stage=None,
             num_layers_in_last_pipeline_stage=None,
-            sequence_parallel=False,
-            context_parallel_size=1,
             recompute_granularity=None,
             recompute_method=None,
             recompute_num_layers=None,

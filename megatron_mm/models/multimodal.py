@@ -79,15 +79,18 @@ class MultimodalModel(MegatronModule):
         return self.language_model.embedding.embedding_dropout(embeddings)
 
 
-def without_experts(transformer_config):
-    """The language model's TransformerConfig with every MoE field at its default: encoders derive
-    their configs from it (precision, parallel layout) and are dense whatever the decoder is."""
+def encoder_base_config(language_config):
+    """The language model's TransformerConfig as every encoder starts from it: its precision and
+    tensor parallelism; no experts, and whole on the first pipeline stage without sequence or
+    context parallelism."""
     import dataclasses
 
-    defaults = {f.name: f.default for f in dataclasses.fields(transformer_config)
+    defaults = {f.name: f.default for f in dataclasses.fields(language_config)
                 if (f.name.startswith("moe_") or f.name == "num_moe_experts") and f.default is not dataclasses.MISSING}
-    return dataclasses.replace(transformer_config, **defaults, expert_model_parallel_size=1,
-                               expert_tensor_parallel_size=None)
+    return dataclasses.replace(language_config, **defaults, expert_model_parallel_size=1,
+                               expert_tensor_parallel_size=None, pipeline_model_parallel_size=1,
+                               virtual_pipeline_model_parallel_size=None, sequence_parallel=False,
+                               context_parallel_size=1)
 
 
 class MultimodalFamily:
@@ -97,6 +100,7 @@ class MultimodalFamily:
     builds it."""
 
     def build_encoders(self, transformer_config, use_te: bool) -> dict[str, torch.nn.Module]:
+        """modality -> encoder module; their configs start from encoder_base_config(transformer_config)."""
         raise NotImplementedError
 
     def placeholder_ids(self) -> dict[str, int]:
@@ -127,7 +131,7 @@ class MultimodalFamily:
 
     def build(self, transformer_config, use_te: bool, pre_process: bool, post_process: bool, vp_stage=None):
         language_model = super().build(transformer_config, use_te, pre_process, post_process, vp_stage)
-        encoders = self.build_encoders(without_experts(transformer_config), use_te) if pre_process else {}
+        encoders = self.build_encoders(transformer_config, use_te) if pre_process else {}
         return MultimodalModel(transformer_config, language_model, encoders, self.placeholder_ids())
 
     def num_parameters(self) -> tuple[int, int]:

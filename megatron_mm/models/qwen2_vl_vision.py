@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_mm.checkpoint.hf_rules import Rule, fused_gate_up, fused_qkv, same
+from megatron_mm.models.multimodal import encoder_base_config
 
 VARIANTS = ("qwen2_vl", "qwen2_5_vl")
 
@@ -95,7 +96,7 @@ class Qwen2VLVisionConfig:
         from megatron.core.activations import quick_gelu
 
         return dataclasses.replace(
-            language_config,
+            encoder_base_config(language_config),
             num_layers=self.depth,
             hidden_size=self.hidden_size,
             ffn_hidden_size=self.ffn_hidden_size,
@@ -115,10 +116,6 @@ class Qwen2VLVisionConfig:
             bias_activation_fusion=False,
             apply_rope_fusion=False,  # per-token 2D frequencies, not positions 0..s-1
             rotary_interleaved=False,
-            pipeline_model_parallel_size=1,
-            virtual_pipeline_model_parallel_size=None,
-            sequence_parallel=False,
-            context_parallel_size=1,
             recompute_granularity=None,
             recompute_method=None,
             recompute_num_layers=None,

@@ -26,6 +26,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_mm.checkpoint.hf_rules import Rule, fused_qkv, same
+from megatron_mm.models.multimodal import encoder_base_config
 
 ENCODER_TYPES = ("clip", "siglip")
 PROJECTOR_TYPES = ("mlp", "affine", "resampler")
@@ -130,7 +131,7 @@ class VisionEncoderConfig:
         """The language config's precision and TP with an encoder-side shape; no PP, SP or CP (the
         encoders live whole on the first pipeline stage)."""
         return dataclasses.replace(
-            language_config,
+            encoder_base_config(language_config),
             hidden_size=self.hidden_size,
             layernorm_epsilon=self.norm_epsilon,
             normalization="LayerNorm",
@@ -140,10 +141,6 @@ class VisionEncoderConfig:
             qk_layernorm=False,
             bias_activation_fusion=False,
             apply_rope_fusion=False,
-            pipeline_model_parallel_size=1,
-            virtual_pipeline_model_parallel_size=None,
-            sequence_parallel=False,
-            context_parallel_size=1,
             **fields,
         )
 
@@ -165,16 +162,12 @@ class VisionEncoderConfig:
     def projector_transformer_config(self, language_config):
         """The MLP projector maps ViT width -> ffn -> the language model's hidden size."""
         return dataclasses.replace(
-            language_config,
+            encoder_base_config(language_config),
             ffn_hidden_size=self.projector_ffn_hidden_size,
             gated_linear_unit=False,
             activation_func=torch.nn.functional.gelu,
             add_bias_linear=True,
             bias_activation_fusion=False,
-            pipeline_model_parallel_size=1,
-            virtual_pipeline_model_parallel_size=None,
-            sequence_parallel=False,
-            context_parallel_size=1,
         )
 
     def resampler_transformer_config(self, language_config):
