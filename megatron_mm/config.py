@@ -16,8 +16,10 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_mm.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration the run cannot start with; its message is one line for the user."""
 
 

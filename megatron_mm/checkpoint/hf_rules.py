@@ -13,8 +13,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from megatron_mm.errors import UserError
 
-class HFConversionError(ValueError):
+
+class HFConversionError(UserError):
     """A HuggingFace checkpoint or config this mapping cannot convert; the message says what and why."""
 
 

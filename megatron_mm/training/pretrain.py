@@ -23,6 +23,7 @@ from megatron_mm.checkpoint.dist_ckpt import (
     save_checkpoint,
 )
 from megatron_mm.config import Config, ConfigError, load_config
+from megatron_mm.errors import UserError
 from megatron_mm.moe.balancing import ExpertBalancing
 from megatron_mm.training.data import BATCH_KEYS, MicroBatches, build_datasets
 from megatron_mm.training.metrics import TrainingLogger, cuda_peak_tflops, flops_per_token
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         trainer = setup(cfg)
-    except ConfigError as err:
+    except UserError as err:
         sys.stderr.write(f"error: {err}\n")  # one write: ranks sharing stderr do not interleave a line
         sys.stderr.flush()
         return 2
