@@ -72,8 +72,13 @@ class TrainConfig:
     eval_interval: Optional[int] = None
     eval_iters: int = 2
     save_interval: Optional[int] = None
+    # Every run ends with a checkpoint (finished, exit_interval, or stopped by a signal); false writes none at all.
+    save: bool = True
     output_dir: str = "outputs/run"
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir) | none | a checkpoint dir
+    # On resume, the learning-rate schedule (lr, min_lr, warm-up, decay length and style) comes from
+    # this run's config (a longer train_iters stretches the decay) or stays the checkpoint's.
+    resume_schedule: str = "config"  # config | checkpoint
     init_from: Optional[str] = None  # load model weights only from this checkpoint (fresh optimizer)
     # Stages (training/stages.py): parameter-name patterns to freeze, and "pattern=multiplier" learning rates
     freeze: list[str] = field(default_factory=list)
@@ -86,6 +91,7 @@ CHOICES = {
     ("train", "lr_decay_style"): ("cosine", "linear", "constant", "WSD"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
     ("train", "recompute"): ("none", "selective", "full"),
+    ("train", "resume_schedule"): ("config", "checkpoint"),
     ("data", "tokenizer_type"): ("sentencepiece", "huggingface"),
 }
 

@@ -4,6 +4,10 @@ data position, resharded on load to whatever layout the resuming run has.
 Saves are atomic: everything is written to `iter_NNNNNNN.tmp/`, which is renamed to `iter_NNNNNNN/`
 only after every rank has finished, and only then is `latest` replaced (write + os.replace). A crash
 or kill -9 at any point leaves the previous checkpoint complete and `latest` pointing at it.
+
+Each checkpoint lists its files and their sizes (`manifest.json`); before anything is loaded the list
+is checked, so a shard deleted or truncated afterwards is named instead of failing deep inside the
+load, and `resume=auto` falls back to the newest checkpoint that is intact.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from typing import Optional
 
 import torch
 
+from megatron_mm.errors import UserError
+
 CHECKPOINT_DIR_PATTERN = re.compile(r"^iter_(\d{7})$")
-TRAIN_STATE_FILE = "train_state.json"
+TRAIN_STATE_FILE = "train_state.json"  # written last: its presence marks a finished save
+MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
 
 
@@ -97,10 +104,12 @@ def save_checkpoint(
     rng_dir = staging / "rng"
     rng_dir.mkdir(exist_ok=True)
     torch.save(_rng_state(), rng_dir / f"rank_{_rank():05d}.pt")
+    _barrier()  # every rank's files are written: the manifest can list them
     if _rank() == 0:
         (staging / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
         if hf_files is not None and hf_files.is_dir():
             shutil.copytree(hf_files, staging / hf_files.name)
+        write_manifest(staging)
         _write_synced(staging / TRAIN_STATE_FILE, json.dumps(dataclasses.asdict(state), indent=1))
     _barrier()
 
@@ -144,16 +153,58 @@ def is_complete_checkpoint(path: Path) -> bool:
     return CHECKPOINT_DIR_PATTERN.match(path.name) is not None and (path / TRAIN_STATE_FILE).is_file()
 
 
-def find_latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
-    """The checkpoint `latest` names, or else the newest complete `iter_*` dir; None if there is none."""
+def write_manifest(directory: Path) -> None:
+    """Record every file of a checkpoint and its size (all ranks' files must be written)."""
+    files = {str(f.relative_to(directory)): f.stat().st_size
+             for f in sorted(directory.rglob("*")) if f.is_file() and f.name != MANIFEST_FILE}
+    _write_synced(directory / MANIFEST_FILE, json.dumps(files, indent=0))
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """None for an intact checkpoint, else what is wrong with it, naming the file."""
+    if not (path / TRAIN_STATE_FILE).is_file():
+        return f"{path / TRAIN_STATE_FILE} is missing (not a checkpoint, or its save did not finish)"
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():  # written before manifests existed (or by import-hf): nothing to check
+        return None
+    try:
+        recorded = json.loads(manifest.read_text())
+    except (OSError, ValueError) as err:
+        return f"{manifest} is unreadable ({err})"
+    for name, size in recorded.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{file} has {actual} bytes, {size} were written"
+    return None
+
+
+def find_latest_checkpoint(output_dir: str | Path, warn=None) -> Optional[Path]:
+    """The newest intact checkpoint: the one `latest` names, else the newest complete `iter_*` dir,
+    else older ones; `warn(message)` hears of each damaged one passed over. None if there is no
+    checkpoint; a UserError if there are some and none is intact."""
     root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.glob("iter_*") if is_complete_checkpoint(p)), reverse=True)
     latest = root / LATEST_FILE
-    if latest.is_file():
-        named = root / latest.read_text().strip()
-        if is_complete_checkpoint(named):
-            return named
-    candidates = sorted(p for p in root.glob("iter_*") if is_complete_checkpoint(p)) if root.is_dir() else []
-    return candidates[-1] if candidates else None
+    named = root / latest.read_text().strip() if latest.is_file() else None
+    if named in candidates:
+        candidates.remove(named)
+        candidates.insert(0, named)
+    damaged = []
+    for candidate in candidates:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            if warn is not None and damaged:
+                warn(f"damaged checkpoint passed over ({'; '.join(damaged)}): resuming from {candidate.name}")
+            return candidate
+        damaged.append(problem)
+    if damaged:
+        raise UserError(f"no intact checkpoint in {root}: " + "; ".join(damaged))
+    return None
 
 
 def read_train_state(path: str | Path) -> TrainState:
@@ -169,11 +220,18 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, lay
     from megatron.core import dist_checkpointing
 
     path = Path(path)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(f"cannot load checkpoint {path}: {problem}")
     model_state = _model_state(model)
     sharded = dict(model_state)
     if optimizer is not None:
         sharded["optimizer"] = _optimizer_state(optimizer, model_state, is_loading=True)
-    loaded = dist_checkpointing.load(sharded, str(path))
+    try:
+        loaded = dist_checkpointing.load(sharded, str(path))
+    except Exception as err:  # damage the manifest cannot see (same size, other bytes), or a model that differs
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise UserError(f"cannot load checkpoint {path}: {type(err).__name__}: {first_line}") from err
     for i, chunk in enumerate(model):
         unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:

@@ -13,6 +13,7 @@ import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -26,8 +27,11 @@ from megatron_mm.config import Config, ConfigError, load_config
 from megatron_mm.errors import UserError
 from megatron_mm.moe.balancing import ExpertBalancing
 from megatron_mm.training.data import BATCH_KEYS, MicroBatches, build_datasets
+from megatron_mm.training.lr_schedule import build_scheduler, schedule_in_force
+from megatron_mm.training.resume import describe_resume
 from megatron_mm.training.metrics import TrainingLogger, cuda_peak_tflops, flops_per_token
 from megatron_mm.training.stages import apply_stage, lr_overrides
+from megatron_mm.training.stop_signals import StopSignals
 
 
 @dataclass
@@ -44,7 +48,9 @@ class Trainer:
     dp_rank: int
     dp_size: int
     expert_balancing: ExpertBalancing
+    stop_signals: StopSignals
     iteration: int = 0
+    saved_iteration: Optional[int] = None  # the iteration of the checkpoint this run last wrote or resumed
 
     @property
     def num_microbatches(self) -> int:
@@ -72,6 +78,7 @@ def setup(cfg: Config) -> Trainer:
     )
     from megatron_mm.runtime.distributed import LaunchEnv
 
+    stop_signals = StopSignals().install()  # a signal during set-up stops the run at its first step
     # Runs before any process group exists, so every rank prints the same single line and exits.
     world_size, use_te = LaunchEnv.from_environ().world_size, transformer_engine_available()
     validate_layout(cfg, world_size, use_te)
@@ -98,7 +105,8 @@ def setup(cfg: Config) -> Trainer:
     train_ds, valid_ds, _ = build_datasets(cfg, tokenizer, (t.train_iters * t.global_batch_size, valid_samples, 0))
     fused_bias_update = getattr(cfg.model, "expert_bias_update", None) == "fused_kernel"  # MoE families only
     balancing = ExpertBalancing(model, tconfig, fused_update=fused_bias_update)
-    trainer = Trainer(cfg, model, optimizer, scheduler, tconfig, train_ds, valid_ds, dp_rank, dp_size, balancing)
+    trainer = Trainer(cfg, model, optimizer, scheduler, tconfig, train_ds, valid_ds, dp_rank, dp_size, balancing,
+                      stop_signals)
     _load_initial_state(trainer)
     _wire_schedule_hooks(trainer)
     return trainer
@@ -159,7 +167,6 @@ def build_model(cfg: Config, tconfig, use_te: bool) -> list:
 
 def build_optimizer(cfg: Config, tconfig, model):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     t = cfg.train
     optimizer_config = OptimizerConfig(
@@ -177,22 +184,7 @@ def build_optimizer(cfg: Config, tconfig, model):
     )
     optimizer = get_megatron_optimizer(optimizer_config, model,
                                        config_overrides=lr_overrides(t.lr_mult, optimizer_config))
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=t.lr,
-        min_lr=t.min_lr,
-        lr_warmup_steps=t.lr_warmup_iters,
-        lr_decay_steps=t.lr_decay_iters or t.train_iters,
-        lr_decay_style=t.lr_decay_style,
-        start_wd=t.weight_decay,
-        end_wd=t.weight_decay,
-        wd_incr_steps=t.train_iters,
-        wd_incr_style="constant",
-        wsd_decay_steps=t.lr_wsd_decay_iters,
-        lr_wsd_decay_style="linear",
-    )
-    return optimizer, scheduler
+    return optimizer, build_scheduler(t, optimizer)
 
 
 def _load_initial_state(trainer: Trainer) -> None:
@@ -200,13 +192,24 @@ def _load_initial_state(trainer: Trainer) -> None:
     t = trainer.cfg.train
     resume_from = None
     if t.resume == "auto":
-        resume_from = find_latest_checkpoint(t.output_dir)
+        resume_from = find_latest_checkpoint(t.output_dir, warn=_print_rank0)
     elif t.resume != "none":
         resume_from = t.resume
     if resume_from is not None:
+        # The optimizer's param groups carry their peak and minimum lr: a checkpoint's would win.
+        configured = [(group["max_lr"], group["min_lr"]) for group in trainer.optimizer.param_groups]
         state = load_checkpoint(resume_from, trainer.model, trainer.optimizer, trainer.scheduler, trainer.layout)
-        trainer.iteration = state.iteration
-        _print_rank0(f"resumed from {resume_from} at iteration {state.iteration}")
+        if t.resume_schedule == "config":  # (the load replaced the group dicts)
+            for group, (max_lr, min_lr) in zip(trainer.optimizer.param_groups, configured):
+                group["max_lr"], group["min_lr"] = max_lr, min_lr
+            trainer.scheduler.step(increment=0)  # the rates of the resumed step, from those bounds
+        trainer.iteration = trainer.saved_iteration = state.iteration
+        schedule = schedule_in_force(trainer.scheduler)
+        for line in describe_resume(resume_from, state.iteration, trainer.cfg, schedule):
+            _print_rank0(line)
+        if t.resume_schedule == "checkpoint":  # so that the configs this run saves tell the truth
+            for key, value in schedule.items():
+                setattr(t, key, value)
     elif t.init_from:
         load_checkpoint(t.init_from, trainer.model)
         _print_rank0(f"initialised weights from {t.init_from}")
@@ -312,7 +315,12 @@ def evaluate(trainer: Trainer) -> float | None:
         chunk.eval()
     batches = MicroBatches(trainer.valid_data, 0, trainer.cfg.train.micro_batch_size, trainer.dp_rank,
                            trainer.dp_size)
-    losses = [run_schedule(trainer, batches, forward_only=True) for _ in range(trainer.cfg.train.eval_iters)]
+    losses = []
+    for _ in range(trainer.cfg.train.eval_iters):
+        if trainer.stop_signals.requested():  # the loop stops right after: no partial validation loss
+            losses = [None]
+            break
+        losses.append(run_schedule(trainer, batches, forward_only=True))
     for chunk in trainer.model:
         chunk.train()
     return None if losses[0] is None else sum(losses) / len(losses)
@@ -322,7 +330,8 @@ def evaluate(trainer: Trainer) -> float | None:
 # the loop
 # ---------------------------------------------------------------------------------------------
 def train(trainer: Trainer) -> dict:
-    """Runs to train_iters (or exit_interval); returns {iteration: loss} on the logging rank."""
+    """Runs to train_iters (or exit_interval, or a stop signal) and saves a checkpoint (unless
+    train.save=false); returns {iteration: loss} on the logging rank."""
     cfg, t = trainer.cfg, trainer.cfg.train
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     logger = TrainingLogger(
@@ -343,7 +352,11 @@ def train(trainer: Trainer) -> dict:
     losses = {}
     for model_chunk in trainer.model:
         model_chunk.train()
+    stopped_by = None
     while trainer.iteration < stop_at:
+        stopped_by = trainer.stop_signals.requested()  # every rank agrees before the step, or none steps
+        if stopped_by:
+            break
         lr = base_lr(trainer.optimizer)  # the rate this step applies
         loss, grad_norm = train_step(trainer, batches)
         trainer.iteration += 1
@@ -360,14 +373,22 @@ def train(trainer: Trainer) -> dict:
             if valid_loss is not None:
                 logger.validation(trainer.iteration, valid_loss)
             logger.restart_window()
-        if t.save_interval and trainer.iteration % t.save_interval == 0 and trainer.iteration != stop_at:
+        if t.save and t.save_interval and trainer.iteration % t.save_interval == 0 and trainer.iteration != stop_at:
             save(trainer)
             logger.restart_window()
-    if t.save_interval or t.exit_interval:
-        save(trainer)
+    checkpoint = None
+    if t.save and trainer.iteration != trainer.saved_iteration:
+        checkpoint = save(trainer, announce=stopped_by is None)
     logger.finish()
+    trainer.stop_signals.uninstall()
+    if stopped_by:
+        saved = (f"saved checkpoint {checkpoint}" if checkpoint else
+                 "nothing new to save" if t.save else "no checkpoint (train.save=false)")
+        _print_rank0(f"stopped by {stopped_by.name} at iteration {trainer.iteration}: {saved}")
     if logger.enabled:
-        print(f"TensorBoard logs: {logger.tensorboard_dir}\nloss curve: {logger.loss_png}", flush=True)
+        if logger.writer is not None:
+            print(f"TensorBoard logs: {logger.tensorboard_dir}", flush=True)
+        print(f"loss curve: {logger.loss_png}", flush=True)
     return losses
 
 
@@ -378,13 +399,16 @@ def base_lr(optimizer) -> float:
     return next((g["lr"] for g in groups if g.get("default_config", True)), groups[0]["lr"])
 
 
-def save(trainer: Trainer) -> None:
+def save(trainer: Trainer, announce: bool = True) -> Path:
     t = trainer.cfg.train
     state = TrainState(trainer.iteration, trainer.iteration * t.global_batch_size, trainer.layout)
     hf_files = Path(t.init_from) / "hf" if t.init_from else None  # from an import-hf checkpoint
     path = save_checkpoint(t.output_dir, state, trainer.model, trainer.optimizer, trainer.scheduler,
                            trainer.cfg.to_dict(), hf_files=hf_files)
-    _print_rank0(f"saved checkpoint {path}")
+    trainer.saved_iteration = trainer.iteration
+    if announce:
+        _print_rank0(f"saved checkpoint {path}")
+    return path
 
 
 def _print_rank0(message: str) -> None:
