@@ -27,8 +27,14 @@ def main() -> int:
                         help="start every router's expert bias at +B for experts 0 and 1 (a skewed router)")
     parser.add_argument("--zero-images", action="store_true",
                         help="train on blanked generated images (the no-vision control)")
+    parser.add_argument("--signal-at", type=int, metavar="ITER",
+                        help="rank 0 sends itself SIGTERM in the middle of training step ITER")
+    parser.add_argument("--signal-in-validation", action="store_true",
+                        help="with --signal-at: send it during the validation after step ITER instead")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.signal_at is not None:
+        _signal_at(args.signal_at, args.signal_in_validation)
     if args.zero_images:
         import functools
 
@@ -83,6 +89,28 @@ def _local_weights(trainer) -> dict:
             if torch.is_tensor(tensor):
                 weights[f"chunk{i}.{name}"] = tensor.detach().cpu().clone()
     return weights
+
+
+def _signal_at(iteration: int, in_validation: bool) -> None:
+    """A real SIGTERM to rank 0 only, arriving mid-step (or mid-validation): the other rank learns of
+    it through the loop's agreement."""
+    import os
+    import signal
+
+    import torch
+
+    from megatron_mm.training import pretrain
+
+    name = "evaluate" if in_validation else "train_step"
+    original = getattr(pretrain, name)
+
+    def signal_then_run(trainer, *args):
+        step = trainer.iteration if in_validation else trainer.iteration + 1
+        if step == iteration and torch.distributed.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(trainer, *args)
+
+    setattr(pretrain, name, signal_then_run)
 
 
 def _kill_during_save(iteration: int) -> None:

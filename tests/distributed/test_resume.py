@@ -1,12 +1,20 @@
 """Resume equals the uninterrupted run: bit-exact in the same layout, within tolerance when the
-checkpoint is resharded to another layout; a kill -9 during a save loses nothing."""
+checkpoint is resharded to another layout; a kill -9 during a save, a SIGTERM or a damaged newest
+checkpoint loses nothing."""
 
+import contextlib
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
 
-from conftest import read_losses, read_weights, torchrun
+from conftest import TINY_CONFIG, _free_port, read_losses, read_weights, torchrun
 from test_parallel_equivalence import RELATIVE_TOLERANCE
 
 TEN_STEPS = ("train.train_iters=10",)
@@ -79,3 +87,88 @@ def test_kill_during_save_keeps_previous_checkpoint(straight, init_checkpoint, t
     rerun = tmp_path / "rerun"
     torchrun(2, rerun, f"train.output_dir={tmp_path}", *TEN_STEPS, *SAME_LAYOUT)  # resume=auto from 5
     assert_close(read_losses(straight), read_losses(rerun), range(6, 11), rel_tol=0.0)
+
+
+def test_finished_run_ends_with_a_checkpoint(straight, tmp_path, init_checkpoint):
+    root = straight / "checkpoints"  # the run set neither save_interval nor exit_interval
+    assert (root / "latest").read_text().strip() == "iter_0000010"
+    assert json.loads((root / "iter_0000010" / "train_state.json").read_text())["iteration"] == 10
+    torchrun(1, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={init_checkpoint}",
+             "train.train_iters=2", "train.save=false")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def assert_resumes_bit_exact(straight, out, stopped_at: int) -> None:
+    """The signalled run's checkpoint, resumed to 10 steps, equals the uninterrupted run."""
+    root = out / "checkpoints"
+    assert (root / "latest").read_text().strip() == f"iter_{stopped_at:07d}"
+    curve = json.loads((out / "loss_history.json").read_text())["train_loss"]
+    assert [step for step, _ in curve] == list(range(1, stopped_at + 1))
+    assert (out / "loss.png").is_file()
+    torchrun(2, out, f"train.output_dir={out}", *TEN_STEPS, *SAME_LAYOUT)
+    assert_close(read_losses(straight), read_losses(out), range(stopped_at + 1, 11), rel_tol=0.0)
+    curve = json.loads((out / "loss_history.json").read_text())["train_loss"]
+    assert [step for step, _ in curve] == list(range(1, 11)), "the resumed run's curve lost the signalled segment"
+    for rank in range(2):
+        a, b = read_weights(straight, rank), read_weights(out, rank)
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"rank {rank} {name} differs after the signalled resume"
+
+
+@pytest.mark.parametrize("in_validation", [False, True], ids=["in_step", "in_validation"])
+def test_sigterm_saves_and_resumes_bit_exact(straight, init_checkpoint, tmp_path, in_validation):
+    """SIGTERM reaches rank 0 only; both ranks stop after that step, save, write the curve, exit 0."""
+    flags = ["--signal-at", "4"] + (["--signal-in-validation"] if in_validation else [])
+    validation = ("train.eval_interval=2", "train.eval_iters=2") if in_validation else ()
+    result = torchrun(2, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={init_checkpoint}",
+                      *TEN_STEPS, *SAME_LAYOUT, *validation, flags=flags)
+    stop_lines = [line for line in result.stdout.splitlines() if line.startswith("stopped by")]
+    assert stop_lines == [f"stopped by SIGTERM at iteration 4: saved checkpoint "
+                          f"{tmp_path / 'checkpoints' / 'iter_0000004'}"]
+    assert sorted(read_losses(tmp_path)) == [1, 2, 3, 4]
+    assert_resumes_bit_exact(straight, tmp_path, stopped_at=4)
+
+
+def test_damaged_newest_checkpoint_falls_back(straight, init_checkpoint, tmp_path):
+    torchrun(2, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={init_checkpoint}", *TEN_STEPS,
+             *SAME_LAYOUT, "train.save_interval=5")
+    newest = tmp_path / "checkpoints" / "iter_0000010"
+    shard = sorted(newest.glob("*.distcp"))[-1]
+    written = shard.stat().st_size
+    with open(shard, "r+b") as handle:
+        handle.truncate(written // 2)
+    rerun = tmp_path / "rerun"
+    result = torchrun(2, rerun, f"train.output_dir={tmp_path}", *TEN_STEPS, *SAME_LAYOUT)
+    assert f"{shard} has {written // 2} bytes, {written} were written" in result.stdout
+    assert "resuming from iter_0000005" in result.stdout
+    assert_close(read_losses(straight), read_losses(rerun), range(6, 11), rel_tol=0.0)
+
+
+def test_sigterm_to_torchrun_stops_the_run_with_a_checkpoint(tmp_path):
+    """What Slurm preemption or scancel does: torchrun is signalled and forwards it to its ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "megatron_mm.pretrain", "--config", str(TINY_CONFIG), f"train.output_dir={tmp_path}",
+           "parallel.tp=2", "train.train_iters=100000", "train.log_interval=1"]
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+                                   start_new_session=True)
+        try:
+            lines = []
+            for line in process.stdout:
+                lines.append(line.rstrip("\n"))
+                if line.startswith("iter      3/"):
+                    process.send_signal(signal.SIGTERM)
+                    break
+            lines += process.communicate(timeout=120)[0].splitlines()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    stops = [line for line in lines if line.startswith("stopped by SIGTERM")]
+    assert len(stops) == 1, "\n".join(lines[-20:])
+    iteration = int(re.match(r"stopped by SIGTERM at iteration (\d+):", stops[0]).group(1))
+    assert iteration >= 3
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text().strip() == f"iter_{iteration:07d}"
+    curve = json.loads((tmp_path / "loss_history.json").read_text())["train_loss"]
+    assert [step for step, _ in curve] == list(range(1, iteration + 1))
