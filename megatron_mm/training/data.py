@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from megatron_mm.config import Config
+from megatron_mm.data.epochs import ReshuffledEpochs, epoch_request
 
 # Stacked per sample; every other key of a sample is media (images, patches, audio features) with a
 # leading item dimension, concatenated over the micro-batch (models/multimodal.py reads them).
@@ -19,22 +20,28 @@ BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 def build_datasets(cfg: Config, tokenizer, num_samples: tuple[int, int, int]):
     """(train, valid, test) datasets; valid/test may be None."""
-    from megatron_mm.data.gpt_data import build_gpt_datasets
+    from megatron_mm.data.gpt_data import build_gpt_datasets, parse_blend
     from megatron_mm.models.multimodal import MultimodalFamily
 
     if isinstance(cfg.model, MultimodalFamily):
-        return _multimodal_datasets(cfg, tokenizer, num_samples)
-    return build_gpt_datasets(
+        return _multimodal_datasets(cfg, tokenizer, num_samples)  # their order is prefix-stable already
+    train_request = None
+    if not cfg.data.mock:
+        train_request = epoch_request(*parse_blend(cfg.data.blend), cfg.data.split, cfg.data.seq_length)
+    train, valid, test = build_gpt_datasets(
         blend=cfg.data.blend,
         split=cfg.data.split,
         seq_length=cfg.data.seq_length,
         seed=cfg.train.seed,
-        num_samples=num_samples,
+        num_samples=(train_request, *num_samples[1:]),
         tokenizer=tokenizer,
         cache_dir=cfg.data.cache_dir,
         mock=cfg.data.mock,
         vocab_size=cfg.model.vocab_size,
     )
+    if train is not None:  # a longer run sees the same samples up to the shorter one's end
+        train = ReshuffledEpochs(train, cfg.train.seed, num_samples[0])
+    return train, valid, test
 
 
 def _multimodal_datasets(cfg: Config, tokenizer, num_samples: tuple[int, int, int]):
