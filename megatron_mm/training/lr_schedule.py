@@ -9,13 +9,14 @@ from megatron_mm.config import TrainConfig
 
 
 class WarmupFromFirstStep(OptimizerParamScheduler):
-    """Warm-up step s (from 0) runs at lr * (s + 1) / warmup: megatron-core's runs its first step at
+    """Warm-up step s (from 0) runs at lr * (s + 1) / (warmup + 1), and the decay starts from the
+    peak at step `warmup` (torchtitan's linear warm-up). megatron-core's runs its first step at
     init_lr (0), so lr_warmup_iters=1 would train iteration 1 at lr 0."""
 
     def get_lr(self, param_group: dict) -> float:
         if self.lr_warmup_steps > 0 and self.num_steps < self.lr_warmup_steps:
             max_lr = param_group.get("max_lr", self.max_lr)
-            return self.init_lr + (max_lr - self.init_lr) * (self.num_steps + 1) / self.lr_warmup_steps
+            return self.init_lr + (max_lr - self.init_lr) * (self.num_steps + 1) / (self.lr_warmup_steps + 1)
         return super().get_lr(param_group)
 
 

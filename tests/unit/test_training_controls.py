@@ -1,4 +1,4 @@
-"""The warm-up's first step and the stop-signal handler."""
+"""The warm-up's first steps and the stop-signal handler."""
 
 import subprocess
 import sys
@@ -21,13 +21,13 @@ def applied_lrs(train: TrainConfig, steps: int) -> list[float]:
     return lrs
 
 
-def test_one_warmup_iteration_runs_at_the_full_rate():
-    assert applied_lrs(TrainConfig(lr=1e-3, lr_warmup_iters=1, lr_decay_style="constant"), 3) == [1e-3] * 3
+def test_one_warmup_iteration_does_not_run_at_lr_zero():
+    assert applied_lrs(TrainConfig(lr=1e-3, lr_warmup_iters=1, lr_decay_style="constant"), 3) == [5e-4, 1e-3, 1e-3]
 
 
-def test_warmup_rises_to_the_peak_on_its_last_step():
-    lrs = applied_lrs(TrainConfig(lr=1e-3, lr_warmup_iters=4, lr_decay_style="constant", train_iters=10), 6)
-    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+def test_warmup_rises_to_the_peak_where_the_decay_starts():
+    lrs = applied_lrs(TrainConfig(lr=1e-3, min_lr=0.0, lr_warmup_iters=4, lr_decay_style="linear", train_iters=9), 9)
+    assert lrs == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3, 8e-4, 6e-4, 4e-4, 2e-4])
 
 
 SIGNAL_TWICE = textwrap.dedent("""
