@@ -24,6 +24,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from megatron_mm.checkpoint.hf_rules import HFConversionError
+
 STREAMING_CACHE_SIZE = 4  # materialised parameters kept while their shards are written
 GC_EVERY_LOADS = 200
 
@@ -181,6 +183,49 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """name -> (dtype, shape) of one safetensors file, its header checked against the file: a file
+    that is missing, truncated, or whose header is not valid JSON or points past the end raises one
+    line naming the file and the problem."""
+    dtypes = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+    if not path.is_file():
+        raise HFConversionError(f"{path}: no such safetensors file")
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise HFConversionError(f"{path}: truncated safetensors file ({size} bytes, shorter than its 8-byte header size)")
+        (length,) = struct.unpack("<Q", prefix)
+        if 8 + length > size:
+            raise HFConversionError(f"{path}: truncated safetensors file (a {length}-byte header in a {size}-byte file)")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError as err:
+            raise HFConversionError(f"{path}: safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise HFConversionError(f"{path}: safetensors header is not a JSON object")
+    data_bytes = size - 8 - length
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code, shape, (start, end) = info["dtype"], tuple(int(n) for n in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise HFConversionError(f"{path}: header entry of {name} lacks dtype, shape or data_offsets") from None
+        if code not in dtypes:
+            raise HFConversionError(f"{path}: {name} has dtype {code!r}, which this converter does not read")
+        needed = math.prod(shape) * torch.empty((), dtype=dtypes[code]).element_size()
+        if not 0 <= start <= end or end - start != needed:
+            raise HFConversionError(f"{path}: {name} has data_offsets [{start}, {end}], but its {code} shape "
+                                    f"{list(shape)} takes {needed} bytes")
+        if end > data_bytes:
+            raise HFConversionError(f"{path}: {name} has data_offsets [{start}, {end}] past the end of the file's "
+                                    f"{data_bytes} data bytes (truncated?)")
+        tensors[name] = (dtypes[code], shape)
+    return tensors
+
+
 class SafetensorsReader:
     """The tensors of a HuggingFace directory (one model.safetensors or an index of shards), opened
     one file at a time so that only the tensors asked for are read."""
@@ -190,22 +235,20 @@ class SafetensorsReader:
         index = self.directory / "model.safetensors.index.json"
         single = self.directory / "model.safetensors"
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise HFConversionError(f"{index}: not a safetensors index ({type(err).__name__}: {err})") from None
         elif single.is_file():
             files = [single.name]
         else:
-            raise FileNotFoundError(f"{self.directory}: no model.safetensors or model.safetensors.index.json")
+            raise HFConversionError(f"{self.directory}: no model.safetensors or model.safetensors.index.json")
         self.file_of: dict[str, str] = {}
         self.header: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        dtypes = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
         for file in files:  # headers only: names, dtypes, shapes
-            with open(self.directory / file, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(length))
-            for name, info in header.items():
-                if name != "__metadata__":
-                    self.file_of[name] = file
-                    self.header[name] = (dtypes[info["dtype"]], tuple(info["shape"]))
+            for name, dtype_shape in safetensors_header(self.directory / file).items():
+                self.file_of[name] = file
+                self.header[name] = dtype_shape
 
     def names(self) -> set[str]:
         return set(self.file_of)

@@ -5,7 +5,10 @@ tensors, bad layouts, occupied outputs."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -187,3 +190,55 @@ def test_hub_style_config_with_rope_scaling(llama_dir, tmp_path):
     assert after.rope_parameters == before.rope_parameters
     assert after.rope_parameters["rope_type"] == "llama3"
     assert json.loads((exported / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def _truncated(data: bytes, length: int, header: dict) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _stub(data: bytes, length: int, header: dict) -> bytes:
+    return data[:5]
+
+
+def _header_past_end_of_file(data: bytes, length: int, header: dict) -> bytes:
+    return struct.pack("<Q", len(data)) + data[8:]
+
+
+def _bad_json(data: bytes, length: int, header: dict) -> bytes:
+    return data[:8] + b"{not json" + data[17:]
+
+
+def _offsets_past_end(data: bytes, length: int, header: dict) -> bytes:
+    name = next(key for key in header if key != "__metadata__")
+    start, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [start + len(data), end + len(data)]
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + data[8 + length:]
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (_truncated, r"data_offsets \[\d+, \d+\] past the end of the file's \d+ data bytes \(truncated\?\)"),
+    (_stub, r"truncated safetensors file \(5 bytes, shorter than its 8-byte header size\)"),
+    (_header_past_end_of_file, r"truncated safetensors file \(a \d+-byte header in a \d+-byte file\)"),
+    (_bad_json, r"safetensors header is not valid JSON"),
+    (_offsets_past_end, r"data_offsets \[\d+, \d+\] past the end"),
+], ids=["truncated", "stub", "header-length", "header-json", "offsets"])
+@pytest.mark.parametrize("tool", ["convert_checkpoint", "check_hf_parity"])
+def test_damaged_safetensors_is_one_line(llama_dir, tmp_path, damage, problem, tool):
+    hf_dir = _variant(llama_dir, tmp_path / "hf")
+    path = hf_dir / "model.safetensors"
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    path.write_bytes(damage(data, length, json.loads(data[8:8 + length])))
+    command = [sys.executable, str(ROOT / "tools" / f"{tool}.py"), "--hf-dir", str(hf_dir)]
+    if tool == "convert_checkpoint":
+        command[2:2] = ["import-hf"]
+        command += ["--output", str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}  # stderr: the tool's own lines
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert re.fullmatch(rf"error: {re.escape(str(path))}: .*{problem}.*", lines[0]), lines[0]
+    assert not (tmp_path / "out").exists()
