@@ -1,6 +1,6 @@
 """Convert between HuggingFace checkpoints and our dist-checkpoints.
 
-    python tools/convert_checkpoint.py import-hf --hf-dir D --output CKPT [--tp T --pp P --ep E]
+    python tools/convert_checkpoint.py import-hf --hf-dir D --output CKPT [--tp T --pp P --ep E] [--fresh-mtp]
     python tools/convert_checkpoint.py export-hf --checkpoint CKPT --output D [--dtype bf16] [--max-shard-size 5GB]
 
 The dist-checkpoint loads at any layout (dist_checkpointing reshards on load); --tp/--pp/--ep are
@@ -29,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     to_ours.add_argument("--output", required=True, help="checkpoint directory to create")
     for name in ("tp", "pp", "ep"):
         to_ours.add_argument(f"--{name}", type=int, default=1, help=f"{name.upper()} size to train at")
+    to_ours.add_argument("--fresh-mtp", action="store_true",
+                         help="multi-token-prediction layers the config declares but the weights lack (as transformers "
+                              "saves DeepSeek-V3) start freshly initialised instead of being left out")
     to_hf = verbs.add_parser("export-hf", help="dist-checkpoint (any layout) -> HuggingFace directory")
     to_hf.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run's output_dir (latest)")
     to_hf.add_argument("--output", required=True, help="HuggingFace directory to create")
@@ -42,17 +45,16 @@ def main(argv=None) -> int:
     import torch
 
     from megatron_mm.checkpoint.hf import export_hf, import_hf
-    from megatron_mm.checkpoint.hf_rules import HFConversionError
     from megatron_mm.checkpoint.streaming import parse_size
-    from megatron_mm.config import ConfigError
+    from megatron_mm.errors import UserError
 
     try:
         if args.verb == "import-hf":
-            path = import_hf(args.hf_dir, args.output, tp=args.tp, pp=args.pp, ep=args.ep)
+            path = import_hf(args.hf_dir, args.output, tp=args.tp, pp=args.pp, ep=args.ep, fresh_mtp=args.fresh_mtp)
         else:
             dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
             path = export_hf(args.checkpoint, args.output, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size))
-    except (HFConversionError, ConfigError, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     print(f"wrote {path}", flush=True)

@@ -85,6 +85,19 @@ def duplicated(ours: str, hf: Sequence[str]) -> Rule:
     return Rule(ours, tuple(hf), to_ours, lambda tensor: [tensor] * len(hf))
 
 
+def padded_rows(rule: Rule, vocab_size: int, padded_vocab_size: int) -> Rule:
+    """`rule` for a vocabulary tensor (embedding, output head) whose rows we pad: zero rows appended
+    on import, dropped on export. A tensor of another size is left as it is for the shape check."""
+
+    def to_ours(tensors):
+        tensor = rule.to_ours(tensors)
+        if tensor.shape[0] != vocab_size:
+            return tensor
+        return torch.nn.functional.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, padded_vocab_size - vocab_size))
+
+    return Rule(rule.ours, rule.hf, to_ours, lambda tensor: rule.to_hf(tensor[:vocab_size]))
+
+
 # ---- config helpers ---------------------------------------------------------------------------
 def rope_settings(hf: dict) -> tuple[float, Optional[dict]]:
     """(rope_theta, rope scaling dict or None) from either config style: transformers 5's
@@ -156,7 +169,7 @@ def decoder_fields_to_hf(cfg, architecture: str, model_type: str) -> dict:
         intermediate_size=cfg.ffn_hidden_size,
         num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.query_groups,
-        vocab_size=cfg.padded_vocab_size(),
+        vocab_size=cfg.vocab_size,
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.norm_epsilon,
         tie_word_embeddings=cfg.tie_word_embeddings,

@@ -11,6 +11,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+# Every tensor-parallel size up to 8 (a power of two) divides a padded vocabulary, so a checkpoint
+# reshards across them.
+VOCAB_TP_MULTIPLE = 8
+
 
 @dataclass
 class DecoderConfig:
@@ -22,8 +26,9 @@ class DecoderConfig:
     num_query_groups: Optional[int] = None  # GQA groups; None = multi-head attention
     head_dim: Optional[int] = None  # None = hidden_size / num_attention_heads
     vocab_size: Optional[int] = None  # None = the tokenizer's vocabulary
-    # Embedding rows are padded to a multiple of this, independent of TP so every layout builds the
-    # same shape. Imported HuggingFace models use 1: padded rows would join the softmax.
+    # Embedding and output rows are padded to a multiple of lcm(this, VOCAB_TP_MULTIPLE), independent
+    # of TP so that every layout builds the same shapes (a TP that does not divide it needs this to be
+    # a multiple of that TP). Padded rows are masked out of the logits and trimmed on export.
     vocab_pad_multiple: int = 128
     max_position_embeddings: int = 4096
     rotary_base: float = 10000.0
@@ -83,7 +88,8 @@ class DecoderConfig:
     def padded_vocab_size(self) -> int:
         if self.vocab_size is None:
             raise ValueError("model.vocab_size is unset and no tokenizer supplied one")
-        return int(math.ceil(self.vocab_size / self.vocab_pad_multiple) * self.vocab_pad_multiple)
+        multiple = math.lcm(self.vocab_pad_multiple, VOCAB_TP_MULTIPLE)
+        return -(-self.vocab_size // multiple) * multiple
 
     def transformer_config(self, parallel, train, use_te: bool, batch_p2p_comm: bool):
         """The megatron-core TransformerConfig for this model under a parallel layout."""
@@ -149,7 +155,7 @@ class DecoderConfig:
         kwargs.update(self.family_model_kwargs())
         spec = self.layer_spec(transformer_config, use_te, vp_stage)
         kwargs.update(self.extra_model_kwargs(transformer_config, spec, use_te, vp_stage))
-        return GPTModel(
+        model = GPTModel(
             config=transformer_config,
             transformer_layer_spec=spec,
             vocab_size=self.padded_vocab_size(),
@@ -159,6 +165,9 @@ class DecoderConfig:
             vp_stage=vp_stage,
             **kwargs,
         )
+        if post_process and self.padded_vocab_size() > self.vocab_size:
+            model.output_layer.register_forward_hook(PaddedVocabularyMask(self.vocab_size, self.padded_vocab_size()))
+        return model
 
     def num_parameters(self) -> tuple[int, int]:
         """(total, embedding) parameter counts of the unsharded model, for FLOP estimates."""
@@ -170,3 +179,23 @@ class DecoderConfig:
         embedding = self.padded_vocab_size() * h
         output = 0 if self.tie_word_embeddings else embedding
         return layers * (attention + mlp + 2 * h) + embedding + output + h, embedding + output
+
+
+class PaddedVocabularyMask:
+    """Forward hook of the output layer: the logits of padded vocabulary rows become -inf, so they take
+    no share of the softmax in the loss (megatron-core's vocab-parallel cross entropy) or in the
+    returned logits, and their rows get no gradient."""
+
+    def __init__(self, vocab_size: int, padded_vocab_size: int):
+        self.vocab_size, self.padded_vocab_size = vocab_size, padded_vocab_size
+
+    def __call__(self, module, args, output):
+        from megatron.core import parallel_state
+
+        logits, bias = output
+        width = logits.shape[-1]  # this rank's vocabulary partition, or all of it when gathered
+        first = 0 if width == self.padded_vocab_size else parallel_state.get_tensor_model_parallel_rank() * width
+        if first + width <= self.vocab_size:
+            return None
+        padded = torch.arange(first, first + width, device=logits.device) >= self.vocab_size
+        return logits.masked_fill(padded, float("-inf")), bias

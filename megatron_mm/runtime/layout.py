@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_mm.config import Config, ConfigError
+from megatron_mm.models.base import VOCAB_TP_MULTIPLE
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
@@ -67,7 +68,10 @@ def validate_layout(cfg: Config, world_size: int, have_te: bool) -> None:
             f"micro_batch_size*data_parallel = {t.micro_batch_size}*{dp}"
         )
     if m.vocab_size is not None and m.padded_vocab_size() % p.tp:
-        raise ConfigError(f"padded vocabulary {m.padded_vocab_size()} is not divisible by parallel.tp={p.tp}")
+        raise ConfigError(
+            f"padded vocabulary {m.padded_vocab_size()} (model.vocab_size={m.vocab_size} rounded up to a multiple of "
+            f"lcm(model.vocab_pad_multiple={m.vocab_pad_multiple}, {VOCAB_TP_MULTIPLE})) is not divisible by "
+            f"parallel.tp={p.tp}; set model.vocab_pad_multiple to a multiple of {p.tp}")
     decay_iters = t.lr_decay_iters or t.train_iters
     if t.lr_warmup_iters >= decay_iters:  # megatron-core's scheduler asserts it
         raise ConfigError(f"train.lr_warmup_iters={t.lr_warmup_iters} must be below the decay length "

@@ -5,10 +5,13 @@ neither loads nor runs, so the test writes one into the checkpoint the way the h
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from conftest import assert_round_trip, check_parity, tiny_hf_model
+from conftest import assert_round_trip, check_parity, hf_tensors, tiny_hf_model
 
+from megatron_mm.checkpoint.hf import export_hf
 from megatron_mm.checkpoint.hf_rules import HFConversionError
 
 LAYERS = 4
@@ -89,3 +92,78 @@ def test_deepseek_v3_unrepresentable(overrides, named):
 
     with pytest.raises(HFConversionError, match=named):
         DeepSeekConfig.from_hf_config(deepseek_config(**overrides).to_dict())
+
+
+def _convert(*args: str):
+    """tools/convert_checkpoint.py, library warnings silenced so that stderr holds only its own lines."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    command = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), *args]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def saved_by_transformers(tmp_path_factory):
+    """What transformers saves for DeepSeek-V3: config.json declares num_nextn_predict_layers=1 and the
+    weights hold no MTP layer (its model has none). An odd vocabulary, padded on import."""
+    hf_dir = tiny_hf_model(deepseek_config(vocab_size=1001), tmp_path_factory.mktemp("deepseek") / "hf")
+    assert json.loads((hf_dir / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    return hf_dir
+
+
+def test_transformers_saved_deepseek_imports_without_mtp(saved_by_transformers, tmp_path):
+    from megatron_mm.config import load_config
+
+    hf_dir = saved_by_transformers
+    result = _convert("import-hf", "--hf-dir", str(hf_dir), "--output", str(tmp_path / "checkpoint"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = [line for line in result.stdout.splitlines() if "multi-token-prediction" in line]
+    assert len(notes) == 1 and "importing without MTP" in notes[0], result.stdout
+    checkpoint = tmp_path / "checkpoint"
+    assert not load_config(checkpoint / "config.yaml").model.mtp_num_layers
+    assert check_parity(hf_dir, checkpoint) < 1e-4
+    assert check_parity(hf_dir, checkpoint, tp=2) < 1e-4
+    exported = export_hf(checkpoint, tmp_path / "exported")
+    tensors, original = hf_tensors(exported), hf_tensors(hf_dir)
+    assert sorted(tensors) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(tensors[name], tensor), name
+    config, original = (json.loads((d / "config.json").read_text()) for d in (exported, hf_dir))
+    assert config.pop("num_nextn_predict_layers") == 0  # the exported weights hold no MTP layer
+    assert config == {key: value for key, value in original.items() if key != "num_nextn_predict_layers"}
+
+
+def test_fresh_mtp_flag_starts_an_initialised_mtp_layer(saved_by_transformers, tmp_path):
+    from megatron_mm.config import load_config
+
+    hf_dir = saved_by_transformers
+    checkpoint = tmp_path / "checkpoint"
+    result = _convert("import-hf", "--hf-dir", str(hf_dir), "--output", str(checkpoint), "--fresh-mtp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sum("freshly initialised" in line for line in result.stdout.splitlines()) == 1, result.stdout
+    cfg = load_config(checkpoint / "config.yaml")
+    assert cfg.model.mtp_num_layers == 1
+    assert check_parity(hf_dir, checkpoint) < 1e-4  # the MTP head leaves the main logits alone
+
+    exported = export_hf(checkpoint, tmp_path / "exported")
+    tensors, original = hf_tensors(exported), hf_tensors(hf_dir)
+    mtp = f"model.layers.{LAYERS}."
+    assert {name for name in tensors if not name.startswith(mtp)} == set(original)
+    for name, tensor in original.items():
+        assert torch.equal(tensors[name], tensor), name
+    std = cfg.model.init_method_std
+    assert torch.equal(tensors[f"{mtp}enorm.weight"], torch.ones(64))
+    assert torch.equal(tensors[f"{mtp}mlp.gate.e_score_correction_bias"], torch.zeros(8))
+    assert tensors[f"{mtp}eh_proj.weight"].std().item() == pytest.approx(std, rel=0.1)
+    assert tensors[f"{mtp}self_attn.o_proj.weight"].std().item() == pytest.approx(std / (2 * LAYERS) ** 0.5, rel=0.1)
+    assert torch.equal(tensors[f"{mtp}embed_tokens.weight"], original["model.embed_tokens.weight"])
+    assert json.loads((exported / "config.json").read_text())["num_nextn_predict_layers"] == 1
+
+    again = _convert("import-hf", "--hf-dir", str(exported), "--output", str(tmp_path / "again"), "--fresh-mtp")
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [f"error: --fresh-mtp: {exported} holds multi-token-prediction weights"]
