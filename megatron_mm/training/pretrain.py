@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,8 +26,11 @@ from megatron_mm.checkpoint.dist_ckpt import (
     save_checkpoint,
 )
 from megatron_mm.config import Config, ConfigError, load_config
+from megatron_mm.data.tokenizer import build_tokenizer
 from megatron_mm.errors import UserError
 from megatron_mm.moe.balancing import ExpertBalancing
+from megatron_mm.runtime import LaunchEnv, transformer_engine_available, validate_layout
+from megatron_mm.runtime.layout import data_parallel_size
 from megatron_mm.training.data import BATCH_KEYS, MicroBatches, build_datasets
 from megatron_mm.training.lr_schedule import build_scheduler, schedule_in_force
 from megatron_mm.training.resume import describe_resume
@@ -419,14 +424,40 @@ def _print_rank0(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_mm.pretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML run config (examples/configs/*.yaml)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config and its layout for --world-size ranks, print the layout, build nothing")
+    parser.add_argument("--world-size", type=int, help="ranks the dry run checks for (default: WORLD_SIZE, else 1)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 parallel.tp=2")
     args = parser.parse_args(argv)
+    if args.world_size is not None and not args.dry_run:
+        parser.error("--world-size needs --dry-run (a launch takes the world size from torchrun)")
+    launch = LaunchEnv.from_environ()
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            world_size = args.world_size or launch.world_size
+            use_te = transformer_engine_available()
+            validate_layout(cfg, world_size, use_te)
+            tokenizer = None if cfg.data.mock else build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+            _resolve_vocab_size(cfg, tokenizer)
+            validate_layout(cfg, world_size, use_te)
+            p, t, dp = cfg.parallel, cfg.train, data_parallel_size(cfg, world_size)
+            print(f"dry run: config and layout valid for {world_size} rank(s) (nothing built)\n"
+                  f"layout: tp {p.tp} x pp {p.pp} x cp {p.cp} x dp {dp} (ep {p.ep}, vpp {p.vpp or '-'}"
+                  f"{', sequence parallel' if p.sequence_parallel else ''}); global batch {t.global_batch_size} = "
+                  f"dp {dp} x {t.global_batch_size // (t.micro_batch_size * dp)} micro-batches of "
+                  f"{t.micro_batch_size}", flush=True)
+            return 0
         trainer = setup(cfg)
     except UserError as err:
-        sys.stderr.write(f"error: {err}\n")  # one write: ranks sharing stderr do not interleave a line
-        sys.stderr.flush()
+        if torch.distributed.is_initialized() or launch.local_rank == 0:
+            sys.stderr.write(f"error: {err}\n")  # one write: ranks sharing stderr do not interleave a line
+            sys.stderr.flush()
+        else:
+            # Found before any process group: the same config and files give local rank 0 the same
+            # line. torchrun stops every rank once one exits, so leaving first could silence rank 0.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # that stop ends the wait (set-up catches SIGTERM)
+            time.sleep(30)
         return 2
     try:
         train(trainer)

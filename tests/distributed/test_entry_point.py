@@ -1,6 +1,7 @@
-"""The `python -m megatron_mm.pretrain` contract: bad configs fail fast with one clear line on every
-rank; a real corpus (tokenizer trained here, preprocessed by the tool) trains with falling loss and
-leaves TensorBoard logs, a loss PNG and a resolved config beside the checkpoint."""
+"""The `python -m megatron_mm.pretrain` contract: bad configs fail fast with one clear line, printed
+once (launch/torchrun.sh checks them before torchrun starts); a clean run prints its log lines and no
+warnings; a real corpus (tokenizer trained here, preprocessed by the tool) trains with falling loss
+and leaves TensorBoard logs, a loss PNG and a resolved config beside the checkpoint."""
 
 import json
 import os
@@ -29,14 +30,62 @@ def pretrain(nproc: int, *args: str, cwd: Path = ROOT, timeout: int = 600) -> su
     ("parallel.tpp=2", "error: unknown key 'parallel.tpp'; did you mean 'parallel.tp'?"),
     ("data.mock=false", "error: data.blend is empty"),
 ])
-def test_bad_config_one_line_on_every_rank(override, message):
+def test_bad_config_one_line_once_under_torchrun(override, message):
     result = pretrain(2, "--config", str(TINY_CONFIG), "parallel.tp=2", override)
     assert result.returncode != 0
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 2, result.stderr  # one per rank
-    assert all(line.startswith(message) for line in error_lines), error_lines
+    assert len(error_lines) == 1, result.stderr  # local rank 0's; rank 1 found the same and kept quiet
+    assert error_lines[0].startswith(message), error_lines
     # torchrun reports the failed children with its own traceback; none comes from our ranks.
     assert f'File "{ROOT / "megatron_mm"}' not in result.stderr
+    assert "exitcode  : 2" in result.stderr  # rank 0 failed with our code, not torchrun's SIGTERM
+
+
+def launch_script(*args: str, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port()), **env}
+    return subprocess.run([str(ROOT / "launch" / "torchrun.sh"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+def test_launch_script_bad_override_is_one_line_and_exit_2():
+    result = launch_script(str(TINY_CONFIG), "parallel.tp=3", NPROC="2")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == ["error: world size 2 is not divisible by tp*pp*cp = 3*1*1 = 3"]
+    assert result.stdout == ""
+
+
+def test_dry_run_checks_the_layout_for_the_asked_ranks(tmp_path):
+    out = tmp_path / "run"
+    fits = launch_script(str(TINY_CONFIG), "parallel.tp=2", f"train.output_dir={out}", DRY_RUN="1",
+                         NPROC="4", NNODES="2")
+    assert fits.returncode == 0, fits.stderr
+    assert fits.stderr == ""
+    assert fits.stdout.splitlines() == [
+        "dry run: config and layout valid for 8 rank(s) (nothing built)",
+        "layout: tp 2 x pp 1 x cp 1 x dp 4 (ep 1, vpp -); global batch 8 = dp 4 x 1 micro-batches of 2"]
+    assert not out.exists()
+    # 8 ranks at dp 4 cannot split a global batch of 8 into micro-batches of 4.
+    too_big = launch_script(str(TINY_CONFIG), "parallel.tp=2", "train.micro_batch_size=4", DRY_RUN="1",
+                            NPROC="4", NNODES="2")
+    assert too_big.returncode == 2
+    assert too_big.stderr.splitlines() == [
+        "error: train.global_batch_size=8 is not divisible by micro_batch_size*data_parallel = 4*4"]
+
+
+def test_clean_run_prints_its_log_and_no_warnings(tmp_path):
+    out = tmp_path / "run"
+    common = ("--config", str(TINY_CONFIG), "parallel.tp=2", f"train.output_dir={out}", "train.log_interval=2")
+    first = pretrain(2, *common, "train.train_iters=2")
+    resumed = pretrain(2, *common, "train.train_iters=4")  # loading adds dist_checkpointing's warnings
+    for result in (first, resumed):
+        assert result.returncode == 0, result.stderr[-4000:]
+        lines = (result.stdout + result.stderr).splitlines()
+        assert [line for line in lines if "warn" in line.lower()] == [], result.stderr
+        assert result.stderr == "", result.stderr
+    assert first.stdout.splitlines()[0].startswith("iter      2/2 | loss ")
+    assert f"saved checkpoint {out / 'checkpoints' / 'iter_0000002'}" in first.stdout.splitlines()
+    assert resumed.stdout.splitlines()[0] == f"resumed from {out / 'checkpoints' / 'iter_0000002'} at iteration 2"
+    assert any(line.startswith("iter      4/4 | loss ") for line in resumed.stdout.splitlines())
 
 
 def test_missing_data_path_fails_before_building(tmp_path):
