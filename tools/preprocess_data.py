@@ -6,16 +6,17 @@
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 try:
     from megatron_mm.data.preprocess import format_summary, preprocess_jsonl
     from megatron_mm.data.tokenizer import TOKENIZER_TYPES
+    from megatron_mm.errors import UserError
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from megatron_mm.data.preprocess import format_summary, preprocess_jsonl
     from megatron_mm.data.tokenizer import TOKENIZER_TYPES
+    from megatron_mm.errors import UserError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,8 +34,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    # megatron-core warns on import about GPU extras that tokenization never uses.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     try:
         summary = preprocess_jsonl(
             args.input,
@@ -46,8 +45,8 @@ def main(argv=None) -> None:
             append_eod=args.append_eod,
             progress=not args.no_progress,
         )
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"preprocess_data: error: {err}")
+    except (UserError, OSError) as err:  # bad input, or an output path that cannot be written
+        sys.exit(f"error: {err}")
     print(format_summary(summary))
 
 

@@ -14,10 +14,12 @@ from pathlib import Path
 try:
     from megatron_mm.data.mm_indexed import INPUT_FORMATS, MEDIA_FORMATS, format_summary, preprocess_mm
     from megatron_mm.data.tokenizer import TOKENIZER_TYPES
+    from megatron_mm.errors import UserError
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from megatron_mm.data.mm_indexed import INPUT_FORMATS, MEDIA_FORMATS, format_summary, preprocess_mm
     from megatron_mm.data.tokenizer import TOKENIZER_TYPES
+    from megatron_mm.errors import UserError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,8 +51,8 @@ def main(argv=None) -> None:
             append_eod=args.append_eod,
             progress=not args.no_progress,
         )
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"preprocess_mm_data: error: {err}")
+    except (UserError, OSError) as err:  # bad input, or an output path that cannot be written
+        sys.exit(f"error: {err}")
     print(format_summary(summary))
 
 

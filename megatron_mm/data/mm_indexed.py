@@ -16,7 +16,10 @@ padded to 8 bytes. PREFIX.idx:
             offset u64 (in .bin) | nbytes u64 | shape u64[4]
 Raw media are the files' encoded bytes; --media-format pixels stores images decoded to uint8 HxWx3 (RGB).
 
-Bad inputs are counted under a skip reason and skipped, never fatal; workers keep the input order.
+Bad inputs are counted under a skip reason and skipped (a UTF-8 byte-order mark starting a line is
+accepted), and the summary names the first few of each reason; workers keep the input order. A run
+that would write no sample is refused. Opening a dataset checks that its .idx is complete and its .bin
+holds every byte the index points to.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ import time
 import wave
 from collections import Counter, deque
 from itertools import islice
-from typing import Iterable, Iterator, NamedTuple, Optional, Union
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy
 
-from megatron_mm.data.preprocess import format_skipped
+from megatron_mm.data.preprocess import REPORTED_LOCATIONS, format_skipped, skip_counts
 from megatron_mm.data.tokenizer import Tokenizer, build_tokenizer
+from megatron_mm.errors import UserError
 
 MAGIC = b"MMIDX\x00\x00\x00"
 VERSION = 1
@@ -95,37 +99,47 @@ class SkippedSample(Exception):
 
 # ("jsonl", manifest directory, line bytes) or ("webdataset", {extension: member bytes})
 Item = tuple
+# Where an item came from, for the skip summary: a line number (one manifest), else "file:line" or
+# "shard:key".
+Location = Union[int, str]
 
 
-def jsonl_items(path: str) -> Iterator[Item]:
+def jsonl_items(path: str) -> Iterator[tuple[int, Item]]:
+    """(line number, item) per line."""
     base_dir = os.path.dirname(os.path.abspath(path))
     with open(path, "rb") as lines:
-        for line in lines:
-            yield ("jsonl", base_dir, line)
+        for number, line in enumerate(lines, start=1):
+            yield number, ("jsonl", base_dir, line)
 
 
-def webdataset_items(path: str) -> Iterator[Item]:
-    """One item per key; members of a sample are consecutive in a shard, as WebDataset writes them."""
+def webdataset_items(path: str) -> Iterator[tuple[str, Item]]:
+    """(key, item) per key; members of a sample are consecutive in a shard, as WebDataset writes them."""
     key, members = None, {}
-    with tarfile.open(path, "r:*") as shard:
-        for member in shard:
-            if not member.isfile():
-                continue
-            directory, _, name = member.name.rpartition("/")
-            stem, _, extension = name.partition(".")
-            if (directory, stem) != key and members:
-                yield ("webdataset", members)
-                members = {}
-            key = (directory, stem)
-            members[extension.lower()] = shard.extractfile(member).read()
+    try:
+        with tarfile.open(path, "r:*") as shard:
+            for member in shard:
+                if not member.isfile():
+                    continue
+                directory, _, name = member.name.rpartition("/")
+                stem, _, extension = name.partition(".")
+                if (directory, stem) != key and members:
+                    yield "/".join(filter(None, key)), ("webdataset", members)
+                    members = {}
+                key = (directory, stem)
+                members[extension.lower()] = shard.extractfile(member).read()
+    except (tarfile.TarError, EOFError) as err:
+        raise UserError(f"{path} is not a readable tar shard (truncated or another format): {err}") from None
     if members:
-        yield ("webdataset", members)
+        yield "/".join(filter(None, key)), ("webdataset", members)
 
 
-def read_items(paths: Iterable[str], input_format: str) -> Iterator[Item]:
+def read_items(paths: Sequence[str], input_format: str) -> Iterator[tuple[Location, Item]]:
     reader = jsonl_items if input_format == "jsonl" else webdataset_items
     for path in paths:
-        yield from reader(path)
+        for location, item in reader(path):
+            if len(paths) > 1 or input_format == "webdataset":
+                location = f"{os.path.basename(path)}:{location}"
+            yield location, item
 
 
 # --- encoding one sample -----------------------------------------------------------------------------------
@@ -225,7 +239,7 @@ class SampleEncoder:
 
 def _parse_json(data: bytes) -> dict:
     try:
-        record = json.loads(data.decode("utf-8"))
+        record = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise SkippedSample("invalid_utf8") from None
     except ValueError:
@@ -283,20 +297,23 @@ def _encode_chunk_in_worker(items: list[Item]) -> list[Union[str, MMSample]]:
     return _worker_encoder.encode_chunk(items)
 
 
-def _encoded_chunks(items: Iterator[Item], encoder: SampleEncoder, workers: int,
-                    init_args: tuple) -> Iterator[list[Union[str, MMSample]]]:
-    chunks = iter(lambda: list(islice(items, ITEMS_PER_CHUNK)), [])
+def _encoded_chunks(located_items: Iterator[tuple[Location, Item]], encoder: SampleEncoder, workers: int,
+                    init_args: tuple) -> Iterator[tuple[list[Location], list[Union[str, MMSample]]]]:
+    """(locations, results) per chunk, in input order."""
+    chunks = (tuple(zip(*chunk)) for chunk in iter(lambda: list(islice(located_items, ITEMS_PER_CHUNK)), []))
     if workers == 1:
-        yield from map(encoder.encode_chunk, chunks)
+        for locations, items in chunks:
+            yield locations, encoder.encode_chunk(list(items))
         return
     with multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
         pending = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_encode_chunk_in_worker, (chunk,)))
+        for locations, items in chunks:
+            pending.append((locations, pool.apply_async(_encode_chunk_in_worker, (list(items),))))
             if len(pending) >= CHUNKS_IN_FLIGHT_PER_WORKER * workers:
-                yield pending.popleft().get()
-        for result in pending:
-            yield result.get()
+                locations, result = pending.popleft()
+                yield locations, result.get()
+        for locations, result in pending:
+            yield locations, result.get()
 
 
 # --- writing and reading the format --------------------------------------------------------------------------
@@ -347,14 +364,66 @@ class MMIndexedDataset:
     """Random access to PREFIX.{bin,idx}: dataset[i] -> MMSample(tokens int32, [MediaRecord])."""
 
     def __init__(self, prefix: str):
-        with open(f"{prefix}.idx", "rb") as idx:
-            magic, version, _, num_samples, num_media = HEADER.unpack(idx.read(HEADER.size))
+        """Raises UserError when a file is missing, the .idx is not complete or the .bin is shorter
+        than its index says."""
+        self.prefix = prefix
+        idx_path, bin_path = f"{prefix}.idx", f"{prefix}.bin"
+        for path in (idx_path, bin_path):
+            if not os.path.isfile(path):
+                raise UserError(f"multimodal dataset file not found: {path}")
+        idx_size = os.path.getsize(idx_path)
+        with open(idx_path, "rb") as idx:
+            header = idx.read(HEADER.size)
+        if not MAGIC.startswith(header[:len(MAGIC)]):
+            raise UserError(f"{idx_path} is not a multimodal index (no MMIDX header)")
+        if len(header) < HEADER.size:
+            raise UserError(f"{idx_path} is truncated: {idx_size} bytes, shorter than the {HEADER.size}-byte header")
+        magic, version, _, num_samples, num_media = HEADER.unpack(header)
         if magic != MAGIC or version != VERSION:
-            raise ValueError(f"{prefix}.idx is not a multimodal index (version {VERSION})")
-        idx_path = f"{prefix}.idx"
+            raise UserError(f"{idx_path} is not a multimodal index (version {VERSION})")
+        expected = HEADER.size + num_samples * SAMPLE_DTYPE.itemsize + num_media * MEDIA_DTYPE.itemsize
+        if idx_size != expected:
+            state = "truncated" if idx_size < expected else "longer than its header describes"
+            raise UserError(f"{idx_path} is {state}: {idx_size} bytes, its header ({num_samples} samples, "
+                            f"{num_media} media) needs {expected}")
         self._samples = _map_array(idx_path, SAMPLE_DTYPE, HEADER.size, num_samples)
         self._media = _map_array(idx_path, MEDIA_DTYPE, HEADER.size + num_samples * SAMPLE_DTYPE.itemsize, num_media)
-        self._bin = _map_array(f"{prefix}.bin", numpy.dtype(numpy.uint8), 0, os.path.getsize(f"{prefix}.bin"))
+        needed = self._bin_bytes_needed()
+        bin_size = os.path.getsize(bin_path)
+        if bin_size < needed:
+            raise UserError(f"{bin_path} is truncated: {bin_size} bytes, its index ({num_samples} samples, "
+                            f"{num_media} media) needs {needed}")
+        self._bin = _map_array(bin_path, numpy.dtype(numpy.uint8), 0, bin_size)
+
+    def _bin_bytes_needed(self) -> int:
+        token_ends = self._samples["token_offset"] + self._samples["token_count"] * TOKEN_DTYPE.itemsize
+        media_ends = self._media["offset"] + self._media["nbytes"]
+        return int(max(token_ends.max(initial=0), media_ends.max(initial=0)))
+
+    def samples_holding(self, kind: str) -> numpy.ndarray:
+        """Boolean per sample: it holds at least one `kind` record (read from the index alone)."""
+        counts = self._samples["media_count"].astype(numpy.int64)
+        owners = numpy.repeat(numpy.arange(len(self._samples)), counts)
+        entries = numpy.repeat(self._samples["media_start"].astype(numpy.int64), counts) + (
+            numpy.arange(counts.sum()) - numpy.repeat(numpy.cumsum(counts) - counts, counts))
+        holding = numpy.zeros(len(self._samples), dtype=bool)
+        holding[owners[self._media["kind"][entries] == KINDS.index(kind)]] = True
+        return holding
+
+    def max_token_id(self, chunk_samples: int = 1 << 16) -> int:
+        """The largest token id of every sample (-1 when there is none), read in chunks of samples."""
+        tokens = self._bin[:len(self._bin) // TOKEN_DTYPE.itemsize * TOKEN_DTYPE.itemsize].view(TOKEN_DTYPE)
+        largest = -1
+        for first in range(0, len(self._samples), chunk_samples):
+            chunk = self._samples[first:first + chunk_samples]
+            counts = chunk["token_count"].astype(numpy.int64)
+            if not counts.sum():
+                continue
+            # every token position of the chunk: each sample's start repeated, plus its offsets 0..count-1
+            starts = (chunk["token_offset"] // TOKEN_DTYPE.itemsize).astype(numpy.int64)
+            within = numpy.arange(counts.sum()) - numpy.repeat(numpy.cumsum(counts) - counts, counts)
+            largest = max(largest, int(tokens[numpy.repeat(starts, counts) + within].max()))
+        return largest
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -426,33 +495,37 @@ def preprocess_mm(
     """Write every readable sample of `input_paths` to `output_prefix`.{bin,idx}, in input order.
 
     Returns the summary: samples, tokens, images, audio, items, seconds, skipped (reason -> count),
-    output (the prefix). Raises FileNotFoundError for a missing input or tokenizer model.
+    skipped_at (reason -> its first locations), output (the prefix). Raises UserError for a missing
+    or unreadable input or tokenizer model, and when no sample would be written (nothing is then).
     """
     from tqdm import tqdm
 
     for path in input_paths:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"input file not found: {path}")
+            raise UserError(f"input file not found: {path}")
     if input_format not in INPUT_FORMATS or media_format not in MEDIA_FORMATS:
-        raise ValueError(f"input format must be one of {INPUT_FORMATS}, media format one of {MEDIA_FORMATS}")
+        raise UserError(f"input format must be one of {INPUT_FORMATS}, media format one of {MEDIA_FORMATS}")
     if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
+        raise UserError(f"workers must be at least 1, got {workers}")
     encoder = SampleEncoder(build_tokenizer(tokenizer_type, tokenizer_model), append_eod, media_format)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     # Written under temporary names and renamed at the end: readers never see a half-written dataset.
     partial_bin, partial_idx = f"{output_prefix}.bin.partial", f"{output_prefix}.idx.partial"
     writer = MMIndexedWriter(partial_bin)
-    counts, skipped = Counter(), Counter()
+    counts, skipped, skipped_at = Counter(), Counter(), {}
     start = time.perf_counter()
     try:
         init_args = (tokenizer_type, tokenizer_model, append_eod, media_format)
         items = read_items(input_paths, input_format)
         with tqdm(unit="sample", desc="preprocess", disable=not progress) as bar:
-            for results in _encoded_chunks(items, encoder, workers, init_args):
-                for result in results:
+            for locations, results in _encoded_chunks(items, encoder, workers, init_args):
+                for location, result in zip(locations, results):
                     counts["items"] += 1
                     if isinstance(result, str):
                         skipped[result] += 1
+                        first = skipped_at.setdefault(result, [])
+                        if len(first) < REPORTED_LOCATIONS:
+                            first.append(location)
                         continue
                     writer.add_sample(result)
                     counts["samples"] += 1
@@ -460,6 +533,11 @@ def preprocess_mm(
                     for record in result.media:
                         counts[record.kind] += 1
                 bar.update(len(results))
+        if not counts["samples"]:
+            reasons = skip_counts({reason: skipped[reason] for reason in SKIP_REASONS if skipped[reason]},
+                                  skipped_at)
+            why = f"{counts['items']} inputs read, skipped: {', '.join(reasons)}" if reasons else "no input found"
+            raise UserError(f"{', '.join(input_paths)}: no sample written ({why})")
         writer.finalize(partial_idx)
         os.replace(partial_bin, f"{output_prefix}.bin")
         os.replace(partial_idx, f"{output_prefix}.idx")
@@ -472,6 +550,7 @@ def preprocess_mm(
         **{key: counts[key] for key in ("samples", "tokens", "image", "audio", "items")},
         "seconds": time.perf_counter() - start,
         "skipped": {reason: skipped[reason] for reason in SKIP_REASONS if skipped[reason]},
+        "skipped_at": {reason: skipped_at[reason] for reason in SKIP_REASONS if skipped[reason]},
         "output": output_prefix,
     }
 
@@ -483,6 +562,6 @@ def format_summary(summary: dict) -> str:
         f"audio: {summary['audio']}  inputs read: {summary['items']}  ({summary['seconds']:.2f} s, "
         f"{summary['samples'] / seconds:.0f} samples/s)"
     ]
-    lines += format_skipped(summary["skipped"], SKIP_REASONS)
+    lines += format_skipped(summary["skipped"], summary["skipped_at"], SKIP_REASONS)
     lines.append(f"output: {summary['output']}.bin / {summary['output']}.idx")
     return "\n".join(lines)

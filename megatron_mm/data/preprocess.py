@@ -1,8 +1,10 @@
 """JSONL -> megatron-core indexed datasets (`PREFIX_{key}_document.{bin,idx}`), one document per line.
 
 Lines are read as bytes and decoded here, so a bad line is counted under a skip reason instead of
-stopping the run. Workers tokenize chunks of lines; results are written in input order with
-megatron-core's IndexedDatasetBuilder, in the smallest dtype the vocabulary fits (Megatron-LM's format).
+stopping the run (a UTF-8 byte-order mark starting a line is accepted), and the summary names the
+first lines of each reason. Workers tokenize chunks of lines; results are written in input order in
+megatron-core's indexed format (indexed_format.py), in the smallest dtype the vocabulary fits. A run
+that would write an empty dataset is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
 import numpy
 
+from megatron_mm.data.indexed_format import IndexedWriter, optimal_dtype
 from megatron_mm.data.tokenizer import Tokenizer, build_tokenizer
+from megatron_mm.errors import UserError
 
 # Why a line or a document was not written. Line-level reasons skip the line for every key;
 # the others are counted once per (line, key).
@@ -32,6 +36,8 @@ SKIP_REASONS = {
 }
 
 LINES_PER_CHUNK = 256
+# Locations (line numbers) of each skip reason kept for the summary.
+REPORTED_LOCATIONS = 5
 CHUNKS_IN_FLIGHT_PER_WORKER = 4
 
 LineResult = Union[str, list]  # a line-level skip reason, or per key: token array or skip reason
@@ -45,18 +51,16 @@ class DocumentEncoder:
     """Turns raw JSONL lines into token arrays (one per json key) or skip reasons."""
 
     def __init__(self, tokenizer: Tokenizer, json_keys: Sequence[str], append_eod: bool):
-        from megatron.core.datasets.indexed_dataset import DType
-
         self.tokenizer = tokenizer
         self.json_keys = list(json_keys)
         self.append_eod = append_eod
-        self.dtype = DType.optimal_dtype(tokenizer.vocab_size)
+        self.dtype = optimal_dtype(tokenizer.vocab_size)
 
     def encode_line(self, line: bytes) -> LineResult:
         if not line.strip():
             return "blank_line"
         try:
-            record = json.loads(line.decode("utf-8"))
+            record = json.loads(line.decode("utf-8-sig"))
         except UnicodeDecodeError:
             return "invalid_utf8"
         except ValueError:
@@ -144,35 +148,38 @@ def preprocess_jsonl(
     """Tokenize every line of `input_path` into `output_prefix_{key}_document.{bin,idx}` per json key.
 
     `workers` > 1 tokenizes in a multiprocessing pool (order kept); 1 tokenizes in this process.
-    Returns the summary: docs, tokens, lines, bytes, seconds, skipped (reason -> count), outputs
-    (key -> prefix). Raises FileNotFoundError for a missing input file or tokenizer model.
+    Returns the summary: docs, tokens, lines, bytes, seconds, skipped (reason -> count),
+    skipped_at (reason -> its first line numbers), docs_per_key, outputs (key -> prefix). Raises UserError for a
+    missing or unreadable input or tokenizer model, and when a key would get no document (nothing
+    is written then).
     """
     if not os.path.isfile(input_path):
-        raise FileNotFoundError(f"input file not found: {input_path}")
+        raise UserError(f"input file not found: {input_path}")
     if not json_keys:
-        raise ValueError("at least one json key is needed")
+        raise UserError("at least one json key is needed")
     if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
+        raise UserError(f"workers must be at least 1, got {workers}")
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
-    # megatron-core's import takes seconds: done after the checks above so that their errors come fast.
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     encoder = DocumentEncoder(tokenizer, json_keys, append_eod)
     outputs = {key: output_prefix_for_key(output_prefix, key) for key in json_keys}
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     # Written under temporary names and renamed at the end: readers never see a half-written dataset.
-    builders = {
-        key: IndexedDatasetBuilder(f"{prefix}.bin.partial", dtype=encoder.dtype) for key, prefix in outputs.items()
-    }
+    builders = {key: IndexedWriter(f"{prefix}.bin.partial", encoder.dtype) for key, prefix in outputs.items()}
     start = time.perf_counter()
     try:
         counts = _write_documents(input_path, encoder, builders, workers, lines_per_chunk, tokenizer_type,
                                   tokenizer_model, progress)
+        for key, written in counts["docs_per_key"].items():
+            if not written:
+                raise UserError(f"{input_path}: no document written" + (f" for json key {key!r}" if
+                                len(json_keys) > 1 else "") + f" ({_why_nothing(counts)})")
         for key, prefix in outputs.items():
             builders[key].finalize(f"{prefix}.idx.partial")
             os.replace(f"{prefix}.bin.partial", f"{prefix}.bin")
             os.replace(f"{prefix}.idx.partial", f"{prefix}.idx")
     finally:
+        for builder in builders.values():
+            builder.close()
         for prefix in outputs.values():
             for partial in (f"{prefix}.bin.partial", f"{prefix}.idx.partial"):
                 if os.path.exists(partial):
@@ -192,7 +199,15 @@ def _write_documents(
 ) -> dict:
     from tqdm import tqdm
 
-    skipped, docs, tokens, lines, bytes_read = Counter(), 0, 0, 0, 0
+    skipped, skipped_at, docs_per_key = Counter(), {}, Counter({key: 0 for key in encoder.json_keys})
+    tokens, lines, bytes_read = 0, 0, 0
+
+    def note_skip(reason: str, line_number: int) -> None:
+        skipped[reason] += 1
+        first_lines = skipped_at.setdefault(reason, [])
+        if len(first_lines) < REPORTED_LOCATIONS and line_number not in first_lines:
+            first_lines.append(line_number)
+
     with open(input_path, "rb") as source, tqdm(
         total=os.path.getsize(input_path), unit="B", unit_scale=True, desc="preprocess", disable=not progress
     ) as bar:
@@ -201,30 +216,53 @@ def _write_documents(
             for line_result in chunk_results:
                 lines += 1
                 if isinstance(line_result, str):
-                    skipped[line_result] += 1
+                    note_skip(line_result, lines)
                     continue
                 for key, document in zip(encoder.json_keys, line_result):
                     if isinstance(document, str):
-                        skipped[document] += 1
+                        note_skip(document, lines)
                         continue
-                    builders[key].add_document(document, [document.size])
-                    docs += 1
+                    builders[key].add_document(document)
+                    docs_per_key[key] += 1
                     tokens += document.size
             bytes_read += chunk_bytes
             bar.update(chunk_bytes)
     return {
-        "docs": docs,
+        "docs": sum(docs_per_key.values()),
+        "docs_per_key": dict(docs_per_key),
         "tokens": tokens,
         "lines": lines,
         "bytes": bytes_read,
         "skipped": {reason: skipped[reason] for reason in SKIP_REASONS if skipped[reason]},
+        "skipped_at": {reason: skipped_at[reason] for reason in SKIP_REASONS if skipped[reason]},
     }
 
 
-def format_skipped(skipped: dict[str, int], reasons: dict[str, str]) -> list[str]:
-    """The skip lines of a preprocessing summary: the total, then each reason with its count."""
+def _why_nothing(counts: dict) -> str:
+    if not counts["lines"]:
+        return "the file holds no line"
+    return f"{counts['lines']} lines read, skipped: " + ", ".join(
+        skip_counts(counts["skipped"], counts["skipped_at"]))
+
+
+def skip_counts(skipped: dict[str, int], skipped_at: dict[str, list]) -> list[str]:
+    """`reason: count (lines 4, 9, 12, ...)` per reason; locations are line numbers or names."""
+    return [f"{reason}: {count} ({_locations(skipped_at[reason], count)})" for reason, count in skipped.items()]
+
+
+def _locations(first: list, count: int) -> str:
+    more = ", ..." if count > len(first) else ""
+    if all(isinstance(location, int) for location in first):
+        return ("line " if len(first) == 1 and not more else "lines ") + ", ".join(map(str, first)) + more
+    return "at " + ", ".join(map(str, first)) + more
+
+
+def format_skipped(skipped: dict[str, int], skipped_at: dict[str, list], reasons: dict[str, str]) -> list[str]:
+    """The skip lines of a preprocessing summary: the total, then each reason with its count, its
+    first locations and what it means."""
     lines = [f"skipped: {sum(skipped.values())}" + ("" if skipped else " (none)")]
-    return lines + [f"  {reason}: {count}  ({reasons[reason]})" for reason, count in skipped.items()]
+    return lines + [f"  {counted}: {reasons[reason]}" for reason, counted in
+                    zip(skipped, skip_counts(skipped, skipped_at))]
 
 
 def format_summary(summary: dict) -> str:
@@ -234,6 +272,6 @@ def format_summary(summary: dict) -> str:
         f"bytes read: {summary['bytes']}  ({summary['seconds']:.2f} s, {summary['docs'] / seconds:.0f} docs/s, "
         f"{summary['bytes'] / seconds / 1e6:.2f} MB/s)"
     ]
-    lines += format_skipped(summary["skipped"], SKIP_REASONS)
+    lines += format_skipped(summary["skipped"], summary["skipped_at"], SKIP_REASONS)
     lines += [f"output: {prefix}.bin / {prefix}.idx" for prefix in summary["outputs"].values()]
     return "\n".join(lines)
