@@ -10,9 +10,11 @@ from pathlib import Path
 
 try:
     from megatron_mm.data.tokenizer import build_tokenizer, train_sentencepiece
+    from megatron_mm.errors import UserError
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from megatron_mm.data.tokenizer import build_tokenizer, train_sentencepiece
+    from megatron_mm.errors import UserError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,10 +39,10 @@ def main(argv=None) -> None:
             character_coverage=args.character_coverage,
             num_threads=args.threads,
         )
-    except FileNotFoundError as err:
-        sys.exit(f"train_tokenizer: error: {err}")
+    except (UserError, OSError) as err:
+        sys.exit(f"error: {err}")
     except RuntimeError as err:  # sentencepiece reports bad settings (e.g. a vocab too small) this way
-        sys.exit(f"train_tokenizer: error: {str(err).strip().splitlines()[-1]}")
+        sys.exit(f"error: {args.input}: {str(err).strip().splitlines()[-1]}")
     tokenizer = build_tokenizer("sentencepiece", model_path)
     print(f"wrote {model_path}: vocab_size={tokenizer.vocab_size} eod={tokenizer.eod}")
 

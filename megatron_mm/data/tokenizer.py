@@ -2,7 +2,8 @@
 
 Every tokenizer has `.tokenize(text) -> list[int]` (no BOS/EOS added), `.detokenize(ids) -> str`,
 `.vocab_size`, `.eod` (the end-of-document/EOS id) and `.pad` (the pad id, or `.eod` when the
-vocabulary has none). Models are only ever read from local paths.
+vocabulary has none). Models are only ever read from local paths. A file that is not a model of the
+type asked for (truncated, or a model of the other type) is a UserError naming it.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Protocol
 
+from megatron_mm.errors import UserError
+
 # Spellings of the end-of-text and pad tokens in common vocabularies, tried when the tokenizer's
 # own configuration names none.
 KNOWN_EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>")
 KNOWN_PAD_TOKENS = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+# Files AutoTokenizer reads a tokenizer from; a directory with none of them holds no tokenizer.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 class Tokenizer(Protocol):
@@ -35,11 +40,21 @@ class SentencePieceTokenizer:
         import sentencepiece
 
         self.model_path = model_path
-        self._processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        if os.path.isdir(model_path):
+            raise UserError(f"{model_path} is a directory, not a sentencepiece .model file (a Hugging Face "
+                            f"tokenizer directory takes tokenizer type huggingface)")
+        if _starts_like_json(model_path):
+            raise UserError(f"{model_path} is JSON (a Hugging Face tokenizer.json), not a sentencepiece .model "
+                            f"file: use tokenizer type huggingface")
+        try:
+            self._processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as err:
+            raise UserError(f"{model_path} is not a readable sentencepiece model (truncated or another format): "
+                            f"{_one_line(err)}") from None
         self.vocab_size = self._processor.get_piece_size()
         self.eod = self._processor.eos_id()
         if self.eod < 0:
-            raise ValueError(f"sentencepiece model {model_path} defines no EOS piece (eos_id=-1)")
+            raise UserError(f"sentencepiece model {model_path} defines no EOS piece (eos_id=-1)")
         pad = self._processor.pad_id()
         self.pad = pad if pad >= 0 else self.eod
 
@@ -65,14 +80,19 @@ class HuggingFaceTokenizer:
         else:
             self._load_tokenizer_json(model_path)
         if self.eod is None:
-            raise ValueError(f"cannot find an EOS token in Hugging Face tokenizer {model_path}")
+            raise UserError(f"cannot find an EOS token in Hugging Face tokenizer {model_path}")
         if self.pad is None:
             self.pad = self.eod
 
     def _load_directory(self, path: str) -> None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if not any(os.path.isfile(os.path.join(path, name)) for name in HF_TOKENIZER_FILES):
+            raise UserError(f"{path} holds no Hugging Face tokenizer file ({', '.join(HF_TOKENIZER_FILES)})")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError) as err:  # what transformers raises for unusable files
+            raise UserError(f"{path} is not a readable Hugging Face tokenizer directory: {_one_line(err)}") from None
         self._encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
         self._decode = tokenizer.decode
         self.vocab_size = len(tokenizer)
@@ -83,7 +103,14 @@ class HuggingFaceTokenizer:
     def _load_tokenizer_json(self, path: str) -> None:
         from tokenizers import Tokenizer as RustTokenizer
 
-        tokenizer = RustTokenizer.from_file(path)
+        if not _starts_like_json(path) and _is_sentencepiece_model(path):
+            raise UserError(f"{path} is a sentencepiece model, not a Hugging Face tokenizer: "
+                            f"use tokenizer type sentencepiece")
+        try:
+            tokenizer = RustTokenizer.from_file(path)
+        except Exception as err:  # the tokenizers library raises a bare Exception for unparsable files
+            raise UserError(f"{path} is not a readable Hugging Face tokenizer.json (truncated or another format): "
+                            f"{_one_line(err)}") from None
         self._encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
         self._decode = tokenizer.decode
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -98,11 +125,36 @@ class HuggingFaceTokenizer:
         return self._decode([int(i) for i in ids])
 
 
+def _starts_like_json(path: str) -> bool:
+    """A JSON object's first byte (a tokenizer.json), after any UTF-8 BOM and whitespace."""
+    with open(path, "rb") as file:
+        head = file.read(64)
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"{")
+
+
+def _is_sentencepiece_model(path: str) -> bool:
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError):
+        return False
+    return True
+
+
+def _one_line(err: BaseException) -> str:
+    """A library's error message on one line."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
 def _special_tokens_from_config(config_path: Path) -> dict[str, str]:
     """eos_token/pad_token strings of a tokenizer_config.json (either a string or an AddedToken dict)."""
     if not config_path.is_file():
         return {}
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{config_path} is not valid JSON: {_one_line(err)}") from None
     tokens = {}
     for name in ("eos_token", "pad_token"):
         value = config.get(name)
@@ -130,11 +182,11 @@ TOKENIZER_TYPES = {
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str) -> Tokenizer:
     """The tokenizer of `tokenizer_type` read from the local path `tokenizer_model`."""
     if tokenizer_type not in TOKENIZER_TYPES:
-        raise ValueError(
+        raise UserError(
             f"unknown tokenizer type {tokenizer_type!r}; valid types: {', '.join(TOKENIZER_TYPES)}"
         )
     if not tokenizer_model or not os.path.exists(tokenizer_model):
-        raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model}")
+        raise UserError(f"tokenizer model not found: {tokenizer_model}")
     return TOKENIZER_TYPES[tokenizer_type](tokenizer_model)
 
 
@@ -143,7 +195,7 @@ def _jsonl_texts(input_jsonl: str, json_key: str) -> Iterator[str]:
     with open(input_jsonl, "rb") as lines:
         for line in lines:
             try:
-                record = json.loads(line.decode("utf-8"))
+                record = json.loads(line.decode("utf-8-sig"))  # a line may start with a BOM (Windows files)
             except (UnicodeDecodeError, ValueError):
                 continue
             text = record.get(json_key) if isinstance(record, dict) else None
@@ -169,7 +221,7 @@ def train_sentencepiece(
     import sentencepiece
 
     if not os.path.isfile(input_jsonl):
-        raise FileNotFoundError(f"input file not found: {input_jsonl}")
+        raise UserError(f"input file not found: {input_jsonl}")
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=_jsonl_texts(input_jsonl, json_key),
