@@ -16,7 +16,10 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_mm.data.indexed_format import check_indexed_dataset, max_token_id
 from megatron_mm.data.tokenizer import Tokenizer
+from megatron_mm.data.vocab_check import cached_max_token_id, check_vocabulary, rank_zero_first
+from megatron_mm.errors import UserError
 
 # Mock tokens when there is no tokenizer: ids below 256 fit every model's vocabulary.
 DEFAULT_MOCK_VOCAB_SIZE = 256
@@ -65,15 +68,23 @@ def parse_blend(blend: Sequence[Union[str, float]]) -> tuple[list[str], Optional
     """
     items = [str(item).strip() for item in blend]
     if not items:
-        raise ValueError("the data blend is empty")
+        raise UserError("the data blend is empty")
     weights = [_as_weight(item) for item in items[0::2]]
     if len(items) % 2 == 0 and all(weight is not None for weight in weights):
         if any(weight <= 0 for weight in weights):
-            raise ValueError(f"blend weights must be positive: {weights}")
+            raise UserError(f"blend weights must be positive: {weights}")
         return items[1::2], weights
     if any(_as_weight(item) is not None for item in items):
-        raise ValueError(f"blend must be [prefix, ...] or [weight, prefix, weight, prefix, ...], got {items}")
+        raise UserError(f"blend must be [prefix, ...] or [weight, prefix, weight, prefix, ...], got {items}")
     return items, None
+
+
+def check_text_datasets(prefixes: Sequence[str], vocab_size: int) -> None:
+    """Each dataset complete (its .bin as long as its .idx says), not empty, and every id < vocab_size."""
+    for prefix in prefixes:
+        summary = check_indexed_dataset(prefix)
+        largest = cached_max_token_id(prefix, lambda: max_token_id(prefix, summary))
+        check_vocabulary(prefix, largest, vocab_size)
 
 
 def _as_weight(item: str) -> Optional[float]:
@@ -111,6 +122,8 @@ def build_gpt_datasets(
         a folder named after each data prefix).
     mock: synthetic tokens and no data files (blend and split are ignored); without a tokenizer the
         mock ids are below `vocab_size` (default 256).
+    vocab_size: the model's vocabulary (default: the tokenizer's); real data holding a larger id is
+        refused, as is a truncated or empty dataset (`check_text_datasets`).
     is_built_on_rank: with torch.distributed initialized, ranks where it returns False build nothing
         and get None (e.g. only tensor-parallel rank 0 reads data); it must be True on global rank 0.
         Default: every rank builds, rank 0 first, then the others load its cached indices. With
@@ -123,16 +136,17 @@ def build_gpt_datasets(
     elif mock:
         dataset_tokenizer = DatasetTokenizer(vocab_size or DEFAULT_MOCK_VOCAB_SIZE, eod=0)
     else:
-        raise ValueError("a tokenizer is needed for real data (its EOS id marks document ends)")
+        raise UserError("a tokenizer is needed for real data (its EOS id marks document ends)")
 
     parsed_blend = None
     if not mock:
         if not blend:
-            raise ValueError("no data: give a blend of indexed-dataset prefixes or use mock data")
+            raise UserError("no data: give a blend of indexed-dataset prefixes or use mock data")
         parsed_blend = parse_blend(blend)
         for prefix in parsed_blend[0]:
             if not IndexedDataset.exists(prefix):
-                raise FileNotFoundError(f"indexed dataset not found: {prefix} (needs {prefix}.bin and {prefix}.idx)")
+                raise UserError(f"indexed dataset not found: {prefix} (needs {prefix}.bin and {prefix}.idx)")
+        rank_zero_first(lambda: check_text_datasets(parsed_blend[0], vocab_size or dataset_tokenizer.vocab_size))
 
     config = GPTDatasetConfig(
         random_seed=seed,

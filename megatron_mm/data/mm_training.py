@@ -10,6 +10,10 @@ the index headers (nothing is decoded to plan): dataset[i] is a pure function of
 resumes from a consumed-sample count. Position ids restart at every packed sample (M-RoPE per sample
 when the model supplies `position_ids_fn`); attention is not masked between packed samples, as in
 megatron-core's GPTDataset without reset_attention_mask.
+
+Building checks every source first: complete files, at least one sample, every token id below
+cfg.model.vocab_size (data/vocab_check.py). Samples holding media the model has no processor for
+(audio for an image-only model) are left out and counted; a source holding nothing else is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 )
 
 from megatron_mm.data.gpt_data import parse_blend
-from megatron_mm.data.mm_indexed import MediaRecord, MMIndexedDataset, MMSample
+from megatron_mm.data.mm_indexed import KINDS, MediaRecord, MMIndexedDataset, MMSample
+from megatron_mm.data.vocab_check import cached_max_token_id, check_vocabulary, rank_zero_first
+from megatron_mm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -180,14 +186,20 @@ def expand_sample(
 
 @dataclass
 class SourceSplit:
-    """Samples [begin, end) of one indexed dataset: its share of a train/valid/test split."""
+    """Samples [begin, end) of one indexed dataset: its share of a train/valid/test split; when
+    `kept` is given, only those sample indices of the range."""
 
     dataset: MMIndexedDataset
     begin: int
     end: int
+    kept: Optional[numpy.ndarray] = None
 
     def __len__(self) -> int:
-        return self.end - self.begin
+        return self.end - self.begin if self.kept is None else len(self.kept)
+
+    def sample(self, offset: int) -> int:
+        """The dataset index of the split's `offset`-th sample."""
+        return self.begin + offset if self.kept is None else int(self.kept[offset])
 
 
 def split_bounds(num_samples: int, split: str) -> list[Optional[tuple[int, int]]]:
@@ -225,7 +237,7 @@ class BlendedStream:
         source = int(self._sources[position])
         split = self.splits[source]
         epoch, offset = divmod(int(self._source_positions[position]), len(split))
-        return source, split.begin + int(self._permutation(source, epoch)[offset])
+        return source, split.sample(int(self._permutation(source, epoch)[offset]))
 
     def _permutation(self, source: int, epoch: int) -> numpy.ndarray:
         if (source, epoch) not in self._permutations:
@@ -288,7 +300,7 @@ def plan_packing(stream: BlendedStream, layouts: SampleLayouts, seq_length: int,
             dropped.append(position)
             position += 1
             if not closed and not open_bins and len(dropped) >= give_up_after:
-                raise ValueError(f"no sample's media fit in data.seq_length={seq_length}")
+                raise UserError(f"no sample's media fit in data.seq_length={seq_length}")
             continue
         kept = min(length, seq_length)
         target = next((b for b in open_bins if b[0] >= kept), None)
@@ -311,10 +323,13 @@ def plan_packing(stream: BlendedStream, layouts: SampleLayouts, seq_length: int,
 
 
 def format_packing_stats(name: str, stats: dict) -> str:
-    return (f"{name}: {stats['sequences']} sequences of {stats['samples']} samples, "
+    line = (f"{name}: {stats['sequences']} sequences of {stats['samples']} samples, "
             f"{100 * stats['fill']:.1f}% tokens (rest padding); {stats['truncated']} samples cut in their "
             f"text ({stats['truncated_tokens']} tokens), {stats['dropped']} dropped: media beyond the "
             f"sequence length")
+    for kind, count in stats.get("left_out", {}).items():
+        line += f"; {count} samples with {kind} left out: the model has no {kind} processor"
+    return line
 
 
 class PackedMMDataset:
@@ -396,6 +411,7 @@ def build_mm_datasets(
     pad_token_id: int = 0,
     prompt_end_id: Optional[int] = None,
     packing_window: int = DEFAULT_PACKING_WINDOW,
+    families_taking: Optional[Callable[[str], Sequence[str]]] = None,
 ) -> tuple[Optional[PackedMMDataset], ...]:
     """(train, valid, test) packed datasets of `num_samples` sequences each from cfg.data.blend
     (mm_indexed prefixes, optionally weighted), cfg.data.split, cfg.data.seq_length, cfg.train.seed.
@@ -403,7 +419,10 @@ def build_mm_datasets(
 
     processors: modality -> processor (or processors with a `modality`); placeholder ids are the
     processors' `placeholder_id`, else cfg.model.placeholder_ids(). Unweighted blends draw from the
-    sources in proportion to their sizes.
+    sources in proportion to their sizes. Samples holding a modality without a processor are left
+    out (stats["left_out"]: modality -> count); families_taking(modality) names the model families
+    that take it, for the error when a source holds nothing else. Every rank must call this under
+    torch.distributed (the sources are checked on rank 0 first).
     """
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must be (train, valid, test), got {num_samples}")
@@ -414,9 +433,19 @@ def build_mm_datasets(
         token_id = getattr(processor, "placeholder_id", None)
         placeholder_ids[kind] = token_id if token_id is not None else cfg.model.placeholder_ids()[kind]
     if not cfg.data.blend:
-        raise ValueError("no data: data.blend must list mm_indexed dataset prefixes")
+        raise UserError("no data: data.blend must list mm_indexed dataset prefixes")
     prefixes, weights = parse_blend(cfg.data.blend)
     datasets = [MMIndexedDataset(prefix) for prefix in prefixes]
+    rank_zero_first(lambda: check_mm_datasets(datasets, getattr(cfg.model, "vocab_size", None)))
+    unsupported = {kind: [dataset.samples_holding(kind) for dataset in datasets]
+                   for kind in KINDS if kind not in processors}
+    kept = [numpy.ones(len(dataset), dtype=bool) for dataset in datasets]
+    for kind, holding in unsupported.items():
+        for index, dataset in enumerate(datasets):
+            kept[index] &= ~holding[index]
+            if not kept[index].any():
+                raise UserError(_nothing_usable(dataset.prefix, kind, getattr(cfg.model, "family", None),
+                                                families_taking))
 
     built = []
     for split_index, (name, wanted) in enumerate(zip(SPLIT_NAMES, num_samples)):
@@ -424,15 +453,38 @@ def build_mm_datasets(
         if not wanted or bounds[0] is None:
             built.append(None)
             continue
-        sources = [(SourceSplit(dataset, *bound), weight) for dataset, bound, weight
-                   in zip(datasets, bounds, weights or [None] * len(datasets)) if bound[1] > bound[0]]
+        sources = []
+        for dataset, (begin, end), weight, keep in zip(datasets, bounds, weights or [None] * len(datasets), kept):
+            split = SourceSplit(dataset, begin, end, begin + numpy.flatnonzero(keep[begin:end]) if unsupported
+                                else None)
+            if len(split):
+                sources.append((split, weight))
         if not sources:
-            raise ValueError(f"the {name} split ({cfg.data.split}) holds no sample of {prefixes}")
+            raise UserError(f"the {name} split ({cfg.data.split}) holds no sample of {prefixes}")
         splits = [split for split, _ in sources]
         split_weights = [weight if weights else len(split) for split, weight in sources]
         dataset = PackedMMDataset(splits, split_weights, processors, placeholder_ids, cfg.data.seq_length, wanted,
                                   cfg.train.seed, position_ids_fn, pad_token_id, prompt_end_id, packing_window,
                                   split_index)
+        left_out = {kind: sum(int(holding[index][begin:end].sum()) for index, (begin, end) in enumerate(bounds))
+                    for kind, holding in unsupported.items()}
+        dataset.stats["left_out"] = {kind: count for kind, count in left_out.items() if count}
         logger.info(format_packing_stats(name, dataset.stats))
         built.append(dataset)
     return tuple(built)
+
+
+def check_mm_datasets(datasets: Sequence[MMIndexedDataset], vocab_size: Optional[int]) -> None:
+    """Each source holds a sample, and every token id is below vocab_size (when given)."""
+    for dataset in datasets:
+        if not len(dataset):
+            raise UserError(f"{dataset.prefix}.idx holds no sample: an empty dataset cannot be trained on")
+        check_vocabulary(dataset.prefix, cached_max_token_id(dataset.prefix, dataset.max_token_id), vocab_size)
+
+
+def _nothing_usable(prefix: str, kind: str, family: Optional[str],
+                    families_taking: Optional[Callable[[str], Sequence[str]]]) -> str:
+    model = f"model.family={family}" if family else "the model"
+    takers = f" (families that take {kind}: {', '.join(families_taking(kind))})" if families_taking else ""
+    return (f"{prefix} holds only samples with {kind}, and {model} has no {kind} encoder{takers}: "
+            f"leave {prefix} out of data.blend, or train a family that takes {kind} on it")

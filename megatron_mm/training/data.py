@@ -58,12 +58,21 @@ def _multimodal_datasets(cfg: Config, tokenizer, num_samples: tuple[int, int, in
     from megatron_mm.data.mm_training import build_mm_datasets, format_packing_stats
 
     datasets = build_mm_datasets(cfg, cfg.model.media_processors(), num_samples, cfg.model.position_ids,
-                                 pad_token_id=tokenizer.pad)
+                                 pad_token_id=tokenizer.pad, families_taking=_families_taking)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         for name, dataset in zip(("train", "valid", "test"), datasets):
             if dataset is not None:
                 print(format_packing_stats(name, dataset.stats), flush=True)
     return datasets
+
+
+def _families_taking(modality: str) -> list[str]:
+    """The registered multimodal families with an encoder for `modality`."""
+    from megatron_mm.models.multimodal import MultimodalFamily
+    from megatron_mm.models.registry import FAMILIES, family_config_class
+
+    return [name for name in FAMILIES if issubclass(config_class := family_config_class(name), MultimodalFamily)
+            and modality in config_class().placeholder_ids()]
 
 
 class MicroBatches:

@@ -17,6 +17,7 @@ import torch
 from megatron_mm.data.gpt_data import build_gpt_datasets, parse_blend
 from megatron_mm.data.preprocess import preprocess_jsonl
 from megatron_mm.data.tokenizer import build_tokenizer, train_sentencepiece
+from megatron_mm.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 NON_ASCII_TEXTS = ["héllo wörld, naïve café ✓", "日本語のテキストと emoji 🙂 mixed in.", "Ελληνικά και русский текст."]
@@ -110,9 +111,9 @@ def test_huggingface_file_and_directory_agree(tokenizer_json, workdir, texts):
 
 
 def test_build_tokenizer_errors(tmp_path):
-    with pytest.raises(ValueError, match="sentencepiece, huggingface"):
+    with pytest.raises(UserError, match="sentencepiece, huggingface"):
         build_tokenizer("gpt2bpe", "x")
-    with pytest.raises(FileNotFoundError, match="missing.model"):
+    with pytest.raises(UserError, match="missing.model"):
         build_tokenizer("sentencepiece", str(tmp_path / "missing.model"))
 
 
@@ -274,7 +275,7 @@ def test_gpt_mock_data_needs_no_files():
 def test_gpt_missing_prefix_is_named(sentencepiece_model, tmp_path):
     tokenizer = build_tokenizer("sentencepiece", sentencepiece_model)
     missing = str(tmp_path / "absent_text_document")
-    with pytest.raises(FileNotFoundError, match="absent_text_document"):
+    with pytest.raises(UserError, match="absent_text_document"):
         build_gpt_datasets([missing], "98,1,1", 16, 1, (10, 1, 1), tokenizer)
 
 
