@@ -155,7 +155,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Write the synthetic shapes-and-tones multimodal set.")
     parser.add_argument("--output", required=True, help="directory for img/, aud/ and manifest.jsonl")
     parser.add_argument("--images", type=int, default=1000, help="number of image-caption pairs")
-    parser.add_argument("--audio", type=int, default=1000, help="number of audio-caption pairs")
+    parser.add_argument("--audio", type=int, default=0,
+                        help="number of audio-caption pairs (for audio families; none unless asked for)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     manifest = write_synthetic_set(args.output, args.images, args.audio, args.seed)

@@ -269,3 +269,10 @@ def test_preprocess_tool(synthetic_manifest, tokenizers, tmp_path, capsys):
                tokenizers["huggingface"], "--output-prefix", str(tmp_path / "out"), "--no-progress"])
     assert f"samples written: {NUM_IMAGES + NUM_AUDIO + 1}" in capsys.readouterr().out
     assert len(MMIndexedDataset(str(tmp_path / "out"))) == NUM_IMAGES + NUM_AUDIO + 1
+
+
+def test_synthetic_cli_writes_audio_only_when_asked(tmp_path, capsys):
+    synthetic_mm.main(["--output", str(tmp_path), "--images", "3", "--seed", "0"])
+    records = records_of(tmp_path / "manifest.jsonl")
+    assert len(records) == 3 and all("audio" not in record for record in records)
+    assert not list((tmp_path / "aud").iterdir())

@@ -381,3 +381,32 @@ def test_round_trip_from_preprocess_tool_on_the_synthetic_set(tmp_path, media_fo
             assert sequence["tokens"][start:start + length].tolist() == [placeholder] * count + text
             start += length
         assert (image_rows, audio_rows) == (len(sequence["patches"]), len(sequence["audio_frames"]))
+
+
+def test_samples_with_media_without_a_processor_are_left_out(sources):
+    prefix, specs = sources["documents"]
+    image_only = {"image": PROCESSORS["image"]}
+    train, _, _ = build_mm_datasets(make_config([prefix]), image_only, (12, 0, 0), packing_window=WINDOW)
+    with_audio = {index for index, (_, media) in enumerate(specs) if any(kind == "audio" for kind, *_ in media)}
+    assert 0 < len(with_audio) < len(specs)
+    assert train.stats["left_out"] == {"audio": len(with_audio)}
+    assert "samples with audio left out" in mm_training.format_packing_stats("train", train.stats)
+    packed = set(train.plan.samples.tolist())
+    assert packed == set(range(len(specs))) - with_audio  # every other sample, none holding audio
+    assert_matches_reference(train, [specs])
+
+
+def test_a_source_of_media_the_model_cannot_take_is_refused_with_a_hint(sources):
+    from megatron_mm.config import load_config
+    from megatron_mm.errors import UserError
+    from megatron_mm.training.data import build_datasets
+
+    audio_prefix = sources["audio"][0]
+    cfg = load_config(REPO / "examples" / "configs" / "tiny_qwen2_vl.yaml",
+                      ["data.mock=false", f"data.blend=[{sources['captions'][0]},{audio_prefix}]"])
+    with pytest.raises(UserError) as raised:
+        build_datasets(cfg, SimpleNamespace(pad=PAD), (4, 0, 0))
+    message = str(raised.value)
+    assert message.startswith(f"{audio_prefix} holds only samples with audio, and model.family=qwen2_vl has no "
+                              f"audio encoder") and "\n" not in message
+    assert "families that take audio: qwen2_audio" in message
