@@ -68,10 +68,14 @@ def _model_state(model) -> dict:
 
 
 def _optimizer_state(optimizer, model_state: dict, is_loading: bool) -> dict:
-    merged = {}
-    for chunk_state in model_state.values():
-        merged.update(chunk_state)
-    return optimizer.sharded_state_dict(merged, is_loading=is_loading)
+    # The optimizer matches its parameters to the model's sharded tensors by identity; the chunks'
+    # keys (virtual pipeline stages) repeat, so they are kept apart under their chunk's name.
+    merged = {f"{chunk}.{key}": value for chunk, chunk_state in model_state.items()
+              for key, value in chunk_state.items()}
+    # The distributed optimizer's state in Megatron-LM's default form (reshards over data-parallel
+    # sizes); megatron-core's own default, fully_sharded_model_space, is refused by its save in 0.16.
+    metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
+    return optimizer.sharded_state_dict(merged, is_loading=is_loading, metadata=metadata)
 
 
 def save_checkpoint(
@@ -223,6 +227,10 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, lay
     problem = checkpoint_problem(path)
     if problem is not None:
         raise UserError(f"cannot load checkpoint {path}: {problem}")
+    if optimizer is not None and not _restorable(optimizer):
+        raise UserError(f"cannot resume {path}: without Apex or Transformer Engine, megatron-core's distributed "
+                        f"optimizer does not restore its Adam state; start from its weights with "
+                        f"train.init_from={path} train.resume=none")
     model_state = _model_state(model)
     sharded = dict(model_state)
     if optimizer is not None:
@@ -243,6 +251,17 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, lay
     if layout is not None and layout == state.layout and rng_file.is_file():
         _restore_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+def _restorable(optimizer) -> bool:
+    """megatron-core 0.16's distributed optimizer on torch's Adam (no Apex/TE) cannot load its own
+    checkpoint: its load plan reads Adam state a fresh optimizer does not have, and where that state
+    is supplied the restored steps are 0 and the resumed losses leave the uninterrupted run's."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return distrib_optimizer.HAVE_APEX_OR_TE or not any(
+        isinstance(o, distrib_optimizer.DistributedOptimizer) for o in chained)
 
 
 def _rng_state() -> dict:

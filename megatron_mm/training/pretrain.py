@@ -217,6 +217,9 @@ def _load_initial_state(trainer: Trainer) -> None:
                 setattr(t, key, value)
     elif t.init_from:
         load_checkpoint(t.init_from, trainer.model)
+        # Mixed precision: the optimizer's fp32 main params were copied from the random init; without
+        # this the first step would overwrite the loaded weights with them.
+        trainer.optimizer.reload_model_params()
         _print_rank0(f"initialised weights from {t.init_from}")
 
 

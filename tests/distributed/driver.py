@@ -51,7 +51,8 @@ def main() -> int:
 
     import torch
 
-    from megatron_mm.config import ConfigError, load_config
+    from megatron_mm.config import load_config
+    from megatron_mm.errors import UserError
     from megatron_mm.runtime import destroy_distributed
     from megatron_mm.training import pretrain
 
@@ -59,7 +60,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         trainer = pretrain.setup(load_config(args.config, args.overrides))
-    except ConfigError as err:
+    except UserError as err:
         sys.stderr.write(f"error: {err}\n")  # one write: ranks sharing stderr do not interleave a line
         sys.stderr.flush()
         return 2

@@ -172,3 +172,19 @@ def test_sigterm_to_torchrun_stops_the_run_with_a_checkpoint(tmp_path):
     assert (root / "latest").read_text().strip() == f"iter_{iteration:07d}"
     curve = json.loads((tmp_path / "loss_history.json").read_text())["train_loss"]
     assert [step for step, _ in curve] == list(range(1, iteration + 1))
+
+
+def test_distributed_optimizer_checkpoint_refuses_a_resume_it_cannot_restore(init_checkpoint, tmp_path):
+    """Saved at DP2 with the distributed optimizer; without Apex/TE megatron-core cannot restore its
+    Adam state, so resuming is one line that says how to start from the weights instead."""
+    distributed = ("parallel.distributed_optimizer=true", "train.train_iters=4")
+    torchrun(2, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={init_checkpoint}", *distributed,
+             "train.exit_interval=2")
+    checkpoint = tmp_path / "checkpoints" / "iter_0000002"
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == checkpoint.name
+    result = torchrun(2, tmp_path, f"train.output_dir={tmp_path}", *distributed, check=False)
+    assert result.returncode != 0
+    assert f"error: cannot resume {checkpoint}: without Apex or Transformer Engine" in result.stderr
+    rerun = tmp_path / "from_weights"
+    torchrun(2, rerun, f"train.output_dir={rerun}", f"train.init_from={checkpoint}", "train.resume=none", *distributed)
+    assert sorted(read_losses(rerun)) == [1, 2, 3, 4]
