@@ -13,8 +13,11 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)  # kernel sources
 	$(PY) -m pip install -q torch==2.13.0 setuptools wheel pybind11 && $(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
+# make quickstart QUICKSTART_ITERS=30: a shorter run (still stopping at two thirds, then resuming)
+QUICKSTART_ITERS ?= 300
+
 quickstart: venv
-	$(PY) examples/quickstart.py
+	$(PY) examples/quickstart.py --iters $(QUICKSTART_ITERS)
 
 test: venv
 	$(PY) -m pytest tests -q

@@ -5,7 +5,10 @@
 4. pretrain a tiny Llama with TP=2 x PP=2 on 4 gloo ranks, stopping (and saving) part-way,
 5. resume from that checkpoint to the end, 6. say where the TensorBoard logs and the loss PNG are.
 
-    python examples/quickstart.py [--iters 300] [--nproc 4]
+    python examples/quickstart.py [--iters 300] [--nproc 4]     (make quickstart [QUICKSTART_ITERS=300])
+
+Data (data/quickstart, the paths examples/configs/tiny_llama3.yaml reads) and outputs are written under
+the current directory, the repository root when run by make.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data" / "quickstart"
+DATA = Path("data") / "quickstart"
 CONFIG = ROOT / "examples" / "configs" / "tiny_llama3.yaml"
 
 
 def run(*cmd: str) -> None:
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    returncode = subprocess.run(cmd).returncode
+    if returncode:
+        sys.exit(returncode)  # the command has said why; a traceback from here would only bury it
 
 
 def main() -> int:
@@ -38,17 +43,18 @@ def main() -> int:
 
     corpus, tokenizer = DATA / "corpus.jsonl", DATA / "tokenizer.model"
     if not corpus.exists():
-        run(py, "examples/make_tiny_corpus.py", "--output", str(corpus))
+        run(py, str(ROOT / "examples" / "make_tiny_corpus.py"), "--output", str(corpus))
     if not tokenizer.exists():
-        run(py, "tools/train_tokenizer.py", "--input", str(corpus), "--json-key", "text", "--vocab-size", "4000",
-            "--output-prefix", str(DATA / "tokenizer"))
+        run(py, str(ROOT / "tools" / "train_tokenizer.py"), "--input", str(corpus), "--json-key", "text",
+            "--vocab-size", "4000", "--output-prefix", str(DATA / "tokenizer"))
     if not (DATA / "corpus_text_document.idx").exists():
-        run(py, "tools/preprocess_data.py", "--input", str(corpus), "--json-keys", "text",
+        run(py, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(corpus), "--json-keys", "text",
             "--tokenizer-type", "sentencepiece", "--tokenizer-model", str(tokenizer),
             "--output-prefix", str(DATA / "corpus"), "--workers", "2", "--append-eod")
 
-    output_dir = ROOT / args.output_dir
-    pretrain = [py, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--master_port=29511",
+    output_dir = Path(args.output_dir)
+    # --standalone: a free local rendezvous port, so a second quickstart on the machine does not clash
+    pretrain = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                 "-m", "megatron_mm.pretrain", "--config", str(CONFIG), f"train.output_dir={output_dir}",
                 f"train.train_iters={args.iters}"]
     # First run stops (with a checkpoint) two thirds of the way; the second resumes from it.
