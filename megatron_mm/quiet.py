@@ -29,6 +29,10 @@ def silence_known_warnings() -> None:
                             module=r"megatron\.core\.dist_checkpointing\.")
     warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor",
                             category=FutureWarning)
+    # The HF converters save and load dist-checkpoints from one process on purpose.
+    warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized, "
+                            "assuming the intent is to (save|load) in a single process", category=UserWarning,
+                            module=r"torch\.distributed\.checkpoint\.")
     import torch
 
     if not torch.cuda.is_available():

@@ -41,6 +41,9 @@ def test_checkpoint_deprecations_are_silenced():
                       "instead.", FutureWarning, "megatron.core.dist_checkpointing.strategies.torch")
     assert not _shown("Please use DTensor instead and we are deprecating ShardedTensor.", FutureWarning,
                       "megatron_mm.runtime.cpu_compat")
+    for verb in ("save", "load"):
+        assert not _shown(f"torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to "
+                          f"{verb} in a single process.", module="torch.distributed.checkpoint.utils")
 
 
 def test_other_warnings_still_show():
