@@ -38,6 +38,7 @@ from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy
 
+from megatron_mm.data.indexed_format import INDEX_MAGIC
 from megatron_mm.data.preprocess import REPORTED_LOCATIONS, format_skipped, skip_counts
 from megatron_mm.data.tokenizer import Tokenizer, build_tokenizer
 from megatron_mm.errors import UserError
@@ -375,7 +376,10 @@ class MMIndexedDataset:
         with open(idx_path, "rb") as idx:
             header = idx.read(HEADER.size)
         if not MAGIC.startswith(header[:len(MAGIC)]):
-            raise UserError(f"{idx_path} is not a multimodal index (no MMIDX header)")
+            text_index = header.startswith(INDEX_MAGIC)
+            raise UserError(f"{idx_path} is not a multimodal index (no MMIDX header)" + (
+                ": it is a text dataset (tools/preprocess_data.py); multimodal families read "
+                "tools/preprocess_mm_data.py output" if text_index else ""))
         if len(header) < HEADER.size:
             raise UserError(f"{idx_path} is truncated: {idx_size} bytes, shorter than the {HEADER.size}-byte header")
         magic, version, _, num_samples, num_media = HEADER.unpack(header)

@@ -148,10 +148,10 @@ def preprocess_jsonl(
     """Tokenize every line of `input_path` into `output_prefix_{key}_document.{bin,idx}` per json key.
 
     `workers` > 1 tokenizes in a multiprocessing pool (order kept); 1 tokenizes in this process.
-    Returns the summary: docs, tokens, lines, bytes, seconds, skipped (reason -> count),
-    skipped_at (reason -> its first line numbers), docs_per_key, outputs (key -> prefix). Raises UserError for a
-    missing or unreadable input or tokenizer model, and when a key would get no document (nothing
-    is written then).
+    Returns the summary: docs, docs_per_key, tokens, lines, bytes, seconds, skipped (reason ->
+    count), skipped_at (reason -> its first line numbers), outputs (key -> prefix). Raises UserError
+    for a missing or unreadable input or tokenizer model, and when a key would get no document
+    (nothing is written then).
     """
     if not os.path.isfile(input_path):
         raise UserError(f"input file not found: {input_path}")

@@ -13,15 +13,14 @@ from types import SimpleNamespace
 import numpy
 import pytest
 
-from megatron_mm.data import gpt_data, indexed_format, vocab_check
+from megatron_mm.config import Config, DataConfig, TrainConfig
+from megatron_mm.data import gpt_data, indexed_format, mm_indexed, vocab_check
 from megatron_mm.data.gpt_data import build_gpt_datasets
 from megatron_mm.data.indexed_format import IndexedWriter
-from megatron_mm.data import mm_indexed
 from megatron_mm.data.mm_indexed import MediaRecord, MMIndexedDataset, MMIndexedWriter, MMSample, preprocess_mm
 from megatron_mm.data.mm_training import build_mm_datasets
 from megatron_mm.data.preprocess import REPORTED_LOCATIONS, format_summary, preprocess_jsonl
 from megatron_mm.data.tokenizer import build_tokenizer, train_sentencepiece
-from megatron_mm.config import Config, DataConfig, TrainConfig
 from megatron_mm.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -312,7 +311,7 @@ def mm_config(blend: list[str], vocab_size=None) -> Config:
 MM_TEXTS = [[5, 6, 7, 3], [9, 40, 3], [12, 13, 14, 15, 3]]
 
 
-def test_truncated_or_empty_multimodal_datasets_are_refused(tmp_path):
+def test_truncated_empty_or_text_datasets_are_refused_as_multimodal(prefix, tmp_path):
     source = write_mm_source(tmp_path / "ok", MM_TEXTS)
     assert len(MMIndexedDataset(source)) == len(MM_TEXTS)
     bin_cut = copy_dataset(source, tmp_path / "bin_cut")
@@ -326,6 +325,8 @@ def test_truncated_or_empty_multimodal_datasets_are_refused(tmp_path):
         with pytest.raises(UserError, match=says) as raised:
             MMIndexedDataset(bad)
         assert file in str(raised.value)
+    with pytest.raises(UserError, match="it is a text dataset"):
+        MMIndexedDataset(prefix)
     empty = write_mm_source(tmp_path / "empty", [])
     with pytest.raises(UserError, match="holds no sample") as raised:
         build_mm_datasets(mm_config([empty]), [OnePatchImages()], (2, 0, 0))
