@@ -45,10 +45,13 @@ def epoch_request(prefixes: Sequence[str], weights: Optional[Sequence[float]], s
         return None
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    from megatron_mm.data.indexed_format import check_indexed_dataset
+
     fractions = [float(part) for part in split.replace("/", ",").split(",")]
     train_fraction = fractions[0] / sum(fractions)
     tokens = 0
     for prefix in prefixes:
+        check_indexed_dataset(prefix)  # a truncated or empty dataset named here, before megatron-core reads it
         dataset = IndexedDataset(prefix)  # held while its memory-mapped lengths are read
         tokens += int(dataset.sequence_lengths.sum())
     return max(1, int(tokens * train_fraction) // seq_length)

@@ -236,6 +236,19 @@ def test_truncated_or_empty_text_datasets_are_refused(prefix, sentencepiece_mode
         assert file in str(raised.value) and "\n" not in str(raised.value)
 
 
+def test_weighted_blend_with_a_truncated_index_is_refused_when_training_builds_it(prefix, sentencepiece_model,
+                                                                                    tmp_path):
+    from megatron_mm.training.data import build_datasets
+
+    cut = copy_dataset(prefix, tmp_path / "cut")
+    truncated(f"{prefix}.idx", Path(f"{cut}.idx"))
+    cfg = Config(model=SimpleNamespace(vocab_size=None),
+                 data=DataConfig(blend=["0.5", prefix, "0.5", cut], split="1,0,0", seq_length=16),
+                 train=TrainConfig(seed=1))
+    with pytest.raises(UserError, match=f"{cut}.idx is truncated"):
+        build_datasets(cfg, build_tokenizer("sentencepiece", sentencepiece_model), (4, 0, 0))
+
+
 def test_ids_beyond_the_vocabulary_are_refused(prefix, sentencepiece_model, tmp_path):
     tokenizer = build_tokenizer("sentencepiece", sentencepiece_model)
     largest = max(max(document) for document in read_documents(prefix))
