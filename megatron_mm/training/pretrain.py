@@ -323,15 +323,17 @@ def evaluate(trainer: Trainer) -> float | None:
         chunk.eval()
     batches = MicroBatches(trainer.valid_data, 0, trainer.cfg.train.micro_batch_size, trainer.dp_rank,
                            trainer.dp_size)
-    losses = []
+    losses, stopped = [], False
     for _ in range(trainer.cfg.train.eval_iters):
-        if trainer.stop_signals.requested():  # the loop stops right after: no partial validation loss
-            losses = [None]
+        stopped = trainer.stop_signals.requested() is not None  # the loop stops right after
+        if stopped:
             break
         losses.append(run_schedule(trainer, batches, forward_only=True))
     for chunk in trainer.model:
         chunk.train()
-    return None if losses[0] is None else sum(losses) / len(losses)
+    if stopped or losses[0] is None:  # no partial validation loss; None off the last pipeline stage
+        return None
+    return sum(losses) / len(losses)
 
 
 # ---------------------------------------------------------------------------------------------
