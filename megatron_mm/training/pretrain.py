@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -53,7 +52,7 @@ class Trainer:
     dp_rank: int
     dp_size: int
     expert_balancing: ExpertBalancing
-    stop_signals: StopSignals
+    stop_signals: StopSignals = field(default_factory=StopSignals)  # installed while train() runs
     iteration: int = 0
     saved_iteration: Optional[int] = None  # the iteration of the checkpoint this run last wrote or resumed
 
@@ -71,30 +70,22 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------
 # set-up
 # ---------------------------------------------------------------------------------------------
-def setup(cfg: Config) -> Trainer:
-    from megatron.core import parallel_state as ps
-    from megatron_mm.runtime import (
-        backend_name,
-        batch_p2p_comm_safe,
-        init_distributed,
-        set_seed,
-        transformer_engine_available,
-        validate_layout,
-    )
-    from megatron_mm.runtime.distributed import LaunchEnv
-
-    stop_signals = StopSignals().install()  # a signal during set-up stops the run at its first step
-    # Runs before any process group exists, so every rank prints the same single line and exits.
-    world_size, use_te = LaunchEnv.from_environ().world_size, transformer_engine_available()
+def check_config(cfg: Config, world_size: int):
+    """The checks that need no process group (layout, tokenizer, vocabulary): every rank finds the
+    same problem. Returns (tokenizer or None for mock data, whether Transformer Engine is used)."""
+    use_te = transformer_engine_available()
     validate_layout(cfg, world_size, use_te)
-    tokenizer = None
-    if not cfg.data.mock:
-        from megatron_mm.data.tokenizer import build_tokenizer
-
-        tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    tokenizer = None if cfg.data.mock else build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     _resolve_vocab_size(cfg, tokenizer)
     validate_layout(cfg, world_size, use_te)  # again, now that the vocabulary size is known
+    return tokenizer, use_te
 
+
+def setup(cfg: Config) -> Trainer:
+    from megatron.core import parallel_state as ps
+    from megatron_mm.runtime import backend_name, batch_p2p_comm_safe, init_distributed, set_seed
+
+    tokenizer, use_te = check_config(cfg, LaunchEnv.from_environ().world_size)
     p = cfg.parallel
     init_distributed(p.tp, p.pp, p.vpp, p.cp, p.ep)
     set_seed(cfg.train.seed)
@@ -110,8 +101,7 @@ def setup(cfg: Config) -> Trainer:
     train_ds, valid_ds, _ = build_datasets(cfg, tokenizer, (t.train_iters * t.global_batch_size, valid_samples, 0))
     fused_bias_update = getattr(cfg.model, "expert_bias_update", None) == "fused_kernel"  # MoE families only
     balancing = ExpertBalancing(model, tconfig, fused_update=fused_bias_update)
-    trainer = Trainer(cfg, model, optimizer, scheduler, tconfig, train_ds, valid_ds, dp_rank, dp_size, balancing,
-                      stop_signals)
+    trainer = Trainer(cfg, model, optimizer, scheduler, tconfig, train_ds, valid_ds, dp_rank, dp_size, balancing)
     _load_initial_state(trainer)
     _wire_schedule_hooks(trainer)
     return trainer
@@ -362,6 +352,7 @@ def train(trainer: Trainer) -> dict:
     losses = {}
     for model_chunk in trainer.model:
         model_chunk.train()
+    trainer.stop_signals.install()
     stopped_by = None
     while trainer.iteration < stop_at:
         stopped_by = trainer.stop_signals.requested()  # every rank agrees before the step, or none steps
@@ -441,11 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             world_size = args.world_size or launch.world_size
-            use_te = transformer_engine_available()
-            validate_layout(cfg, world_size, use_te)
-            tokenizer = None if cfg.data.mock else build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-            _resolve_vocab_size(cfg, tokenizer)
-            validate_layout(cfg, world_size, use_te)
+            check_config(cfg, world_size)
             p, t, dp = cfg.parallel, cfg.train, data_parallel_size(cfg, world_size)
             print(f"dry run: config and layout valid for {world_size} rank(s) (nothing built)\n"
                   f"layout: tp {p.tp} x pp {p.pp} x cp {p.cp} x dp {dp} (ep {p.ep}, vpp {p.vpp or '-'}"
@@ -461,7 +448,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             # Found before any process group: the same config and files give local rank 0 the same
             # line. torchrun stops every rank once one exits, so leaving first could silence rank 0.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # that stop ends the wait (set-up catches SIGTERM)
             time.sleep(30)
         return 2
     try:
