@@ -21,6 +21,10 @@ try:
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_mm.quiet import silence_known_warnings  # noqa: E402
+
+silence_known_warnings()  # before megatron-core is imported: some of them are raised at import
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
