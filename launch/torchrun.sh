@@ -30,8 +30,12 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
 fi
 "${check[@]}" >/dev/null || exit $?
 
-# python -m torch.distributed.run is torchrun, pinned to the chosen interpreter.
+# python -m torch.distributed.run is torchrun, pinned to the chosen interpreter. It forwards these
+# signals to the ranks (SIGUSR1 too: Slurm's --signal), which then save and exit 0; it waits
+# SHUTDOWN_TIMEOUT seconds for that save before killing them.
 exec "$PYTHON" -m torch.distributed.run \
+  --signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+  --shutdown_timeout "${SHUTDOWN_TIMEOUT:-300}" \
   --nproc_per_node "$nproc" \
   --nnodes "$nnodes" \
   --node_rank "${NODE_RANK:-0}" \

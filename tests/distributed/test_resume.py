@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import torch
 from conftest import TINY_CONFIG, _free_port, read_losses, read_weights, torchrun
 from test_parallel_equivalence import RELATIVE_TOLERANCE
 
+REPO = Path(__file__).resolve().parents[2]
 TEN_STEPS = ("train.train_iters=10",)
 SAME_LAYOUT = ("parallel.tp=2",)
 
@@ -144,12 +146,19 @@ def test_damaged_newest_checkpoint_falls_back(straight, init_checkpoint, tmp_pat
     assert_close(read_losses(straight), read_losses(rerun), range(6, 11), rel_tol=0.0)
 
 
-def test_sigterm_to_torchrun_stops_the_run_with_a_checkpoint(tmp_path):
-    """What Slurm preemption or scancel does: torchrun is signalled and forwards it to its ranks."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "megatron_mm.pretrain", "--config", str(TINY_CONFIG), f"train.output_dir={tmp_path}",
-           "parallel.tp=2", "train.train_iters=100000", "train.log_interval=1"]
-    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+@pytest.mark.parametrize("launcher, signum", [("torchrun", signal.SIGTERM), ("launch_script", signal.SIGUSR1)])
+def test_signal_to_the_launcher_stops_the_run_with_a_checkpoint(tmp_path, launcher, signum):
+    """What Slurm preemption, scancel or --signal=USR1 do: the launcher is signalled and forwards it
+    to its ranks (bare torchrun forwards SIGTERM; launch/torchrun.sh also SIGUSR1)."""
+    port = _free_port()
+    if launcher == "launch_script":
+        cmd = [str(REPO / "launch" / "torchrun.sh"), str(TINY_CONFIG)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               "-m", "megatron_mm.pretrain", "--config", str(TINY_CONFIG)]
+    cmd += [f"train.output_dir={tmp_path}", "parallel.tp=2", "train.train_iters=100000", "train.log_interval=1"]
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1", "NPROC": "2", "PYTHON": sys.executable,
+           "MASTER_PORT": str(port)}
     with tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
                                    start_new_session=True)
@@ -158,15 +167,15 @@ def test_sigterm_to_torchrun_stops_the_run_with_a_checkpoint(tmp_path):
             for line in process.stdout:
                 lines.append(line.rstrip("\n"))
                 if line.startswith("iter      3/"):
-                    process.send_signal(signal.SIGTERM)
+                    process.send_signal(signum)
                     break
             lines += process.communicate(timeout=120)[0].splitlines()
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-    stops = [line for line in lines if line.startswith("stopped by SIGTERM")]
+    stops = [line for line in lines if line.startswith(f"stopped by {signum.name}")]
     assert len(stops) == 1, "\n".join(lines[-20:])
-    iteration = int(re.match(r"stopped by SIGTERM at iteration (\d+):", stops[0]).group(1))
+    iteration = int(re.match(rf"stopped by {signum.name} at iteration (\d+):", stops[0]).group(1))
     assert iteration >= 3
     root = tmp_path / "checkpoints"
     assert (root / "latest").read_text().strip() == f"iter_{iteration:07d}"
