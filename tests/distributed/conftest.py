@@ -26,10 +26,15 @@ def _free_port() -> int:
 
 
 def torchrun(nproc: int, out: Path, *overrides: str, config: Path = TINY_CONFIG, flags: list[str] = (),
-             check: bool = True, compile: bool = False) -> subprocess.CompletedProcess:
+             check: bool = True, compile: bool = False, save: bool | None = None) -> subprocess.CompletedProcess:
+    """`save`: whether the run writes its checkpoints; by default only a run that asks for them (a
+    save or exit interval) does: a closing dist-checkpoint costs seconds on CPU, and most runs here
+    compare losses and weights only."""
+    if save is None:
+        save = any(o.startswith(("train.save_interval=", "train.exit_interval=")) for o in overrides)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={_free_port()}", str(HERE / "driver.py"), "--config", str(config), "--out", str(out)]
-    cmd += [*flags, *overrides]
+    cmd += [*flags, f"train.save={str(save).lower()}", *overrides]
     # torch.compile of megatron-core's fused helpers costs ~5 s per process on CPU and changes no
     # result; test_parallel_equivalence.py keeps one run with it on (compile=True).
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "0" if compile else "1", "OMP_NUM_THREADS": "1"}

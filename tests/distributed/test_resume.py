@@ -27,7 +27,8 @@ SAME_LAYOUT = ("parallel.tp=2",)
 def straight(tmp_path_factory, init_checkpoint):
     """10 uninterrupted steps at TP=2."""
     out = tmp_path_factory.mktemp("straight")
-    torchrun(2, out, f"train.output_dir={out}", f"train.init_from={init_checkpoint}", *TEN_STEPS, *SAME_LAYOUT)
+    torchrun(2, out, f"train.output_dir={out}", f"train.init_from={init_checkpoint}", *TEN_STEPS, *SAME_LAYOUT,
+             save=True)  # its closing checkpoint is checked below
     return out
 
 
@@ -123,7 +124,7 @@ def test_sigterm_saves_and_resumes_bit_exact(straight, init_checkpoint, tmp_path
     flags = ["--signal-at", "4"] + (["--signal-in-validation"] if in_validation else [])
     validation = ("train.eval_interval=2", "train.eval_iters=2") if in_validation else ()
     result = torchrun(2, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={init_checkpoint}",
-                      *TEN_STEPS, *SAME_LAYOUT, *validation, flags=flags)
+                      *TEN_STEPS, *SAME_LAYOUT, *validation, flags=flags, save=True)
     stop_lines = [line for line in result.stdout.splitlines() if line.startswith("stopped by")]
     assert stop_lines == [f"stopped by SIGTERM at iteration 4: saved checkpoint "
                           f"{tmp_path / 'checkpoints' / 'iter_0000004'}"]

@@ -44,7 +44,7 @@ def resume(stopped, tmp_path, *overrides):
     out.mkdir()
     shutil.copytree(stopped / "checkpoints", out / "checkpoints")
     result = torchrun(2, out, f"train.output_dir={out}", "parallel.tp=2", "train.train_iters=9", "train.lr=2e-3",
-                      *overrides)
+                      *overrides, save=True)
     return out, result
 
 
