@@ -12,18 +12,17 @@ import sys
 from pathlib import Path
 
 try:
-    from megatron_mm.data.mm_indexed import INPUT_FORMATS, MEDIA_FORMATS, format_summary, preprocess_mm
-    from megatron_mm.data.tokenizer import TOKENIZER_TYPES
-    from megatron_mm.errors import UserError
+    import megatron_mm  # noqa: F401
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_mm.quiet import silence_known_warnings  # noqa: E402
 
 silence_known_warnings()  # before megatron-core is imported: some of them are raised at import
-    from megatron_mm.data.mm_indexed import INPUT_FORMATS, MEDIA_FORMATS, format_summary, preprocess_mm
-    from megatron_mm.data.tokenizer import TOKENIZER_TYPES
-    from megatron_mm.errors import UserError
+
+from megatron_mm.data.mm_indexed import INPUT_FORMATS, MEDIA_FORMATS, format_summary, preprocess_mm  # noqa: E402
+from megatron_mm.data.tokenizer import TOKENIZER_TYPES  # noqa: E402
+from megatron_mm.errors import UserError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
