@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 import numpy
 from torch.utils.data import Dataset
 
+from megatron_mm.data.indexed_format import check_indexed_dataset
+
 
 class ReshuffledEpochs(Dataset):
     """Sample i of `num_samples`: epoch i // len(base), permuted by (seed, epoch) after the first."""
@@ -43,15 +45,9 @@ def epoch_request(prefixes: Sequence[str], weights: Optional[Sequence[float]], s
     size, the number of sequences one epoch of all sources' train documents would give."""
     if weights is None:
         return None
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    from megatron_mm.data.indexed_format import check_indexed_dataset
-
     fractions = [float(part) for part in split.replace("/", ",").split(",")]
     train_fraction = fractions[0] / sum(fractions)
-    tokens = 0
-    for prefix in prefixes:
-        check_indexed_dataset(prefix)  # a truncated or empty dataset named here, before megatron-core reads it
-        dataset = IndexedDataset(prefix)  # held while its memory-mapped lengths are read
-        tokens += int(dataset.sequence_lengths.sum())
+    # The index check names a truncated or empty dataset, and its summary holds the token count.
+    summaries = [check_indexed_dataset(prefix) for prefix in prefixes]
+    tokens = sum(summary.bin_bytes // summary.dtype.itemsize for summary in summaries)
     return max(1, int(tokens * train_fraction) // seq_length)
