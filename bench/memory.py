@@ -41,7 +41,7 @@ def measure(overrides: list[str], out: Path) -> None:
 
     from megatron_mm.config import load_config
     from megatron_mm.runtime import destroy_distributed
-    from megatron_mm.training import pretrain
+    from megatron_mm.training import loop as pretrain
 
     trainer = pretrain.setup(load_config(None, overrides))
     pretrain.train(trainer)

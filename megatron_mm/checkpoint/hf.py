@@ -7,7 +7,7 @@ for), `train_state.json` (iteration 0) and `hf/` (the original config.json, gene
 tokenizer files, which export-hf writes back). Start training from it with `train.init_from=DIR`.
 
 Vocabulary tensors get zero rows up to the model's padded vocabulary on import (their logits are
-masked, models/base.py) and lose them on export. Exporting a run trained from scratch also writes its
+masked, models/layers/decoder.py) and lose them on export. Exporting a run trained from scratch also writes its
 tokenizer (data.tokenizer_model) as transformers loads it, with the BOS/EOS ids in the configs.
 """
 

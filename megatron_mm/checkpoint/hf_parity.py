@@ -64,7 +64,7 @@ def our_logits(checkpoint: str | Path, tokens: torch.Tensor, tp: int = 1, pp: in
         transformer_engine_available,
         validate_layout,
     )
-    from megatron_mm.training.pretrain import build_model
+    from megatron_mm.training.loop import build_model
 
     checkpoint = Path(checkpoint)
     batch, seq = tokens.shape

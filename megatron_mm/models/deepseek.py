@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_mm.checkpoint import hf_rules
-from megatron_mm.models.moe_decoder import MoEDecoderConfig
+from megatron_mm.models.layers.moe_decoder import MoEDecoderConfig
 
 # transformers' DeepseekV3RMSNorm on the q/kv latents keeps its default epsilon; megatron-core uses
 # the model's norm epsilon there too.

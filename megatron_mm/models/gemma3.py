@@ -31,7 +31,7 @@ from typing import Optional
 import torch.nn.functional as F
 
 from megatron_mm.checkpoint import hf_rules
-from megatron_mm.models.base import DecoderConfig
+from megatron_mm.models.layers.decoder import DecoderConfig
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -72,12 +72,12 @@ class Gemma3Config(DecoderConfig):
         return {"seq_len_interpolation_factor": self.rope_scaling_factor}
 
     def layer_spec(self, transformer_config, use_te: bool, vp_stage=None):
-        from megatron_mm.models.gemma3_modules import gemma3_block_spec
+        from megatron_mm.models.layers.gemma3_modules import gemma3_block_spec
 
         return gemma3_block_spec(transformer_config, use_te, self.local_rotary_base, vp_stage)
 
     def build(self, transformer_config, use_te: bool, pre_process: bool, post_process: bool, vp_stage=None):
-        from megatron_mm.models.gemma3_modules import EmbeddingScale
+        from megatron_mm.models.layers.gemma3_modules import EmbeddingScale
 
         model = super().build(transformer_config, use_te, pre_process, post_process, vp_stage)
         if pre_process:

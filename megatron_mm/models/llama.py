@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_mm.checkpoint import hf_rules
-from megatron_mm.models.base import DecoderConfig
+from megatron_mm.models.layers.decoder import DecoderConfig
 
 # megatron-core's Llama 3 scaling has these fixed; a config with others cannot be represented.
 LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}

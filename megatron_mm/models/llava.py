@@ -17,7 +17,7 @@ import torch
 from megatron_mm.checkpoint import hf_rules
 from megatron_mm.models.llama import LlamaConfig, llama_or_qwen2_fields
 from megatron_mm.models.multimodal import MultimodalFamily
-from megatron_mm.models.vision import ImageTower, VisionEncoderConfig
+from megatron_mm.models.encoders.clip_siglip import ImageTower, VisionEncoderConfig
 
 
 @dataclass
@@ -112,7 +112,7 @@ class LlavaConfig(MultimodalFamily, LlamaConfig):
 
     @classmethod
     def from_hf_config(cls, hf: dict):
-        from megatron_mm.models.vision import vision_config_from_hf
+        from megatron_mm.models.encoders.clip_siglip import vision_config_from_hf
 
         text, hf_vision = hf.get("text_config") or {}, hf.get("vision_config") or {}
         problems: list[str] = []
@@ -157,7 +157,7 @@ class LlavaConfig(MultimodalFamily, LlamaConfig):
         )
 
     def to_hf_config(self) -> dict:
-        from megatron_mm.models.vision import vision_config_to_hf
+        from megatron_mm.models.encoders.clip_siglip import vision_config_to_hf
 
         vision = self.vision()
         tower_layers = self.hf_vision_tower_layers or vision.num_layers
@@ -189,7 +189,7 @@ class LlavaConfig(MultimodalFamily, LlamaConfig):
         """Saved checkpoints name the decoder `language_model.model.*` / `language_model.lm_head`,
         the tower `vision_tower[.vision_model].*` and the projector `multi_modal_projector.*`."""
         from megatron_mm.checkpoint.hf_rules import Rule, same
-        from megatron_mm.models.vision import carrying_unread, unread_tower_tensors, vision_tower_hf_rules
+        from megatron_mm.models.encoders.clip_siglip import carrying_unread, unread_tower_tensors, vision_tower_hf_rules
 
         language = hf_rules.embedding_rules(self)
         for layer in range(self.num_layers):

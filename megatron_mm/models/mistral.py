@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_mm.checkpoint import hf_rules
-from megatron_mm.models.base import DecoderConfig
+from megatron_mm.models.layers.decoder import DecoderConfig
 
 
 @dataclass

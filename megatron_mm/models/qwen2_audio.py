@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_mm.checkpoint import hf_rules
-from megatron_mm.models.audio import (
+from megatron_mm.models.encoders.audio import (
     AudioEncoder,
     AudioEncoderConfig,
     audio_config_from_hf,

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_mm.checkpoint import hf_rules
-from megatron_mm.models.base import DecoderConfig
+from megatron_mm.models.layers.decoder import DecoderConfig
 from megatron_mm.models.multimodal import MultimodalFamily
-from megatron_mm.models.qwen2_vl_vision import (
+from megatron_mm.models.encoders.qwen2_vl_vision import (
     Qwen2VLImageEncoder,
     Qwen2VLVisionConfig,
     vision_config_from_hf,

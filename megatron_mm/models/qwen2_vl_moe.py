@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_mm.models.moe_decoder import MoEDecoderConfig
+from megatron_mm.models.layers.moe_decoder import MoEDecoderConfig
 from megatron_mm.models.qwen2_vl import Qwen2VLConfig
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_mm.checkpoint import hf_rules
-from megatron_mm.models.moe_decoder import MoEDecoderConfig
+from megatron_mm.models.layers.moe_decoder import MoEDecoderConfig
 
 
 @dataclass

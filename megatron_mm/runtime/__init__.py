@@ -1,4 +1,4 @@
-from megatron_mm.runtime.backend import transformer_engine_available
+from megatron_mm.models.layers.backend import transformer_engine_available
 from megatron_mm.runtime.cpu_compat import apply_cpu_compat
 from megatron_mm.runtime.distributed import (
     LaunchEnv,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_mm.config import Config, ConfigError
-from megatron_mm.models.base import VOCAB_TP_MULTIPLE
+from megatron_mm.models.layers.decoder import VOCAB_TP_MULTIPLE
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

@@ -27,8 +27,8 @@ VALID_SPLIT = 1  # the samples the training run's validation reads, never its tr
 @torch.no_grad()
 def caption_accuracy(model, cfg, num_samples: int, zero_images: bool = False, batch_size: int = 8) -> dict:
     """Colour and shape accuracy of `model` (one unwrapped or wrapped chunk holding the whole model)."""
-    from megatron_mm.training.data import MicroBatches
-    from megatron_mm.training.pretrain import model_forward
+    from megatron_mm.training.batches import MicroBatches
+    from megatron_mm.training.loop import model_forward
 
     dataset = MockImageCaptionDataset(cfg, num_samples, VALID_SPLIT, zero_images=zero_images)
     ids = caption_vocabulary()
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_mm.checkpoint.dist_ckpt import load_checkpoint
     from megatron_mm.config import load_config
     from megatron_mm.runtime import destroy_distributed
-    from megatron_mm.training import pretrain
+    from megatron_mm.training import loop as pretrain
 
     parser = argparse.ArgumentParser(prog="python -m megatron_mm.training.caption_eval", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)

@@ -54,7 +54,7 @@ def main() -> int:
     from megatron_mm.config import load_config
     from megatron_mm.errors import UserError
     from megatron_mm.runtime import destroy_distributed
-    from megatron_mm.training import pretrain
+    from megatron_mm.training import loop as pretrain
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def _signal_at(iteration: int, in_validation: bool) -> None:
 
     import torch
 
-    from megatron_mm.training import pretrain
+    from megatron_mm.training import loop as pretrain
 
     name = "evaluate" if in_validation else "train_step"
     original = getattr(pretrain, name)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import assert_round_trip, check_parity
 
-from megatron_mm.models.base import VOCAB_TP_MULTIPLE
+from megatron_mm.models.layers.decoder import VOCAB_TP_MULTIPLE
 
 SMALL = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256)

@@ -31,8 +31,8 @@ def main() -> int:
 
     from megatron_mm.config import load_config
     from megatron_mm.runtime import destroy_distributed
-    from megatron_mm.training import pretrain
-    from megatron_mm.training.data import MicroBatches
+    from megatron_mm.training import loop as pretrain
+    from megatron_mm.training.batches import MicroBatches
 
     rows = torch.load(args.tokens)
     samples, seq = rows.shape[0], rows.shape[1] - 1

@@ -28,7 +28,7 @@ import torch
 
 from megatron_mm.data.audio_features import AudioProcessor, encoder_output_length, waveform_from_record
 from megatron_mm.data.synthetic_mm import SAMPLE_RATE, render_tones, write_wav
-from megatron_mm.models.audio import AudioEncoderConfig
+from megatron_mm.models.encoders.audio import AudioEncoderConfig
 
 LANGUAGE_HIDDEN = 48
 CHUNK_SECONDS = 1  # 100 mel frames -> 50 positions
@@ -153,7 +153,7 @@ def _encoder_checks_main() -> None:
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_mm.models.audio import (
+    from megatron_mm.models.encoders.audio import (
         AudioEncoder,
         audio_config_from_hf,
         audio_encoder_hf_rules,
@@ -305,7 +305,7 @@ def test_generated_samples_hold_one_clip_and_its_caption():
     from megatron_mm.config import load_config
     from megatron_mm.data.mock_audio_caption import caption_vocabulary
     from megatron_mm.data.synthetic_mm import audio_caption
-    from megatron_mm.training.data import MicroBatches, build_datasets
+    from megatron_mm.training.batches import MicroBatches, build_datasets
 
     cfg = load_config(TINY_AUDIO_LM)
     train, valid, test = build_datasets(cfg, None, (8, 4, 0))
@@ -343,8 +343,8 @@ def _learning_main(output_dir: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from megatron_mm.config import load_config
     from megatron_mm.data.mock_audio_caption import MockAudioCaptionDataset
-    from megatron_mm.training import pretrain
-    from megatron_mm.training.data import MicroBatches
+    from megatron_mm.training import loop as pretrain
+    from megatron_mm.training.batches import MicroBatches
 
     cfg = load_config(TINY_AUDIO_LM, [f"train.train_iters={LEARNING_STEPS}", "train.lr_warmup_iters=10",
                                       "train.lr_decay_style=constant", "train.log_interval=50", "train.save_interval=0",

@@ -238,7 +238,7 @@ def test_truncated_or_empty_text_datasets_are_refused(prefix, sentencepiece_mode
 
 def test_weighted_blend_with_a_truncated_index_is_refused_when_training_builds_it(prefix, sentencepiece_model,
                                                                                     tmp_path):
-    from megatron_mm.training.data import build_datasets
+    from megatron_mm.training.batches import build_datasets
 
     cut = copy_dataset(prefix, tmp_path / "cut")
     truncated(f"{prefix}.idx", Path(f"{cut}.idx"))

@@ -399,7 +399,7 @@ def test_samples_with_media_without_a_processor_are_left_out(sources):
 def test_a_source_of_media_the_model_cannot_take_is_refused_with_a_hint(sources):
     from megatron_mm.config import load_config
     from megatron_mm.errors import UserError
-    from megatron_mm.training.data import build_datasets
+    from megatron_mm.training.batches import build_datasets
 
     audio_prefix = sources["audio"][0]
     cfg = load_config(REPO / "examples" / "configs" / "tiny_qwen2_vl.yaml",

@@ -58,7 +58,7 @@ def test_layout_problems_name_the_field(world, overrides, message):
 
 
 def test_generated_samples_fill_the_sequence_and_caption_the_image():
-    from megatron_mm.training.data import MicroBatches, build_datasets
+    from megatron_mm.training.batches import MicroBatches, build_datasets
 
     cfg = load_config(TINY_LLAVA)
     train, valid, test = build_datasets(cfg, None, (8, 4, 0))
@@ -82,7 +82,7 @@ def test_generated_samples_fill_the_sequence_and_caption_the_image():
 
 
 def test_mm_data_needs_mock_and_fits_positions():
-    from megatron_mm.training.data import build_datasets
+    from megatron_mm.training.batches import build_datasets
 
     with pytest.raises(ConfigError, match="max_position_embeddings"):
         build_datasets(load_config(TINY_LLAVA, ["data.seq_length=64"]), None, (8, 0, 0))
@@ -123,8 +123,8 @@ def _model_checks_main() -> None:
     """Runs in a fresh process: one-rank world, the tiny config's model, one micro-batch."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from megatron_mm.runtime import init_distributed, set_seed, transformer_engine_available
-    from megatron_mm.training.data import MicroBatches, build_datasets
-    from megatron_mm.training.pretrain import model_forward
+    from megatron_mm.training.batches import MicroBatches, build_datasets
+    from megatron_mm.training.loop import model_forward
 
     cfg = load_config(TINY_LLAVA)
     init_distributed()

@@ -55,7 +55,7 @@ def _encoder_checks_main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_mm.models.qwen2_vl_vision import Qwen2VLImageEncoder, vision_config_from_hf, visual_hf_rules
+    from megatron_mm.models.encoders.qwen2_vl_vision import Qwen2VLImageEncoder, vision_config_from_hf, visual_hf_rules
     from megatron_mm.runtime import init_distributed, set_seed
 
     init_distributed()

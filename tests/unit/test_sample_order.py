@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_mm.config import load_config
-from megatron_mm.training.data import build_datasets
+from megatron_mm.training.batches import build_datasets
 
 SEQ_LENGTH = 16
 

@@ -134,8 +134,8 @@ def test_multiplied_groups_follow_the_schedule_times_the_multiplier(training):
 def _training_checks_main() -> None:
     """Runs in a fresh process: one-rank world, the tiny LLaVA model, a few optimizer steps."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from megatron_mm.training import pretrain
-    from megatron_mm.training.data import MicroBatches
+    from megatron_mm.training import loop as pretrain
+    from megatron_mm.training.batches import MicroBatches
 
     overrides = [f"train.freeze=[{','.join(FREEZE)}]", f"train.lr_mult=[{','.join(LR_MULT)}]",
                  f"train.train_iters={STEPS}", "train.lr_warmup_iters=2", "train.lr_decay_style=cosine",

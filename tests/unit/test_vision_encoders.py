@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from megatron_mm.data.image_processing import FixedSizeImageProcessor
-from megatron_mm.models.vision import VisionEncoderConfig
+from megatron_mm.models.encoders.clip_siglip import VisionEncoderConfig
 
 LANGUAGE_HIDDEN = 48
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=16,
@@ -76,7 +76,7 @@ def _encoder_checks_main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_mm.models.vision import (
+    from megatron_mm.models.encoders.clip_siglip import (
         ImageTower,
         ResamplerProjector,
         vision_config_from_hf,

@@ -31,7 +31,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_mm.checkpoint.hf_rules import Rule, fused_qkv, same
 from megatron_mm.data.audio_features import HOP_LENGTH, MEL_BINS, SAMPLE_RATE, encoder_output_length
 from megatron_mm.models.multimodal import encoder_base_config
-from megatron_mm.models.vision import AffineProjectorLinear
+from megatron_mm.models.encoders.clip_siglip import AffineProjectorLinear
 
 PROJECTOR_TYPES = ("affine", "mlp")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_mm.models.base import DecoderConfig
+from megatron_mm.models.layers.decoder import DecoderConfig
 
 
 @dataclass
@@ -35,7 +35,7 @@ class MoEDecoderConfig(DecoderConfig):
     # local permute/unpermute around the all-to-all: megatron-core's torch ops, or our fused csrc
     # kernels (megatron_mm.moe.dispatcher; alltoall dispatcher, dropless)
     token_permute: str = "megatron"  # megatron | fused_kernel
-    # router scores + selection: megatron-core's torch ops, or our fused csrc kernel (megatron_mm.moe.router)
+    # router scores + selection: megatron-core's torch ops, or our fused csrc kernel (megatron_mm.moe.fused_router)
     router_scoring: str = "megatron"  # megatron | fused_kernel
 
     def family_transformer_fields(self) -> dict:
@@ -77,7 +77,7 @@ class MoEDecoderConfig(DecoderConfig):
             if layer.submodules.mlp.module is not MoELayer:
                 continue
             if self.router_scoring == "fused_kernel":
-                from megatron_mm.moe.router import FusedTopKRouter
+                from megatron_mm.moe.fused_router import FusedTopKRouter
 
                 layer.submodules.mlp.submodules.router = FusedTopKRouter
             if self.token_permute == "fused_kernel":

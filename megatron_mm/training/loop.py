@@ -30,7 +30,7 @@ from megatron_mm.errors import UserError
 from megatron_mm.moe.balancing import ExpertBalancing
 from megatron_mm.runtime import LaunchEnv, transformer_engine_available, validate_layout
 from megatron_mm.runtime.layout import data_parallel_size
-from megatron_mm.training.data import BATCH_KEYS, MicroBatches, build_datasets
+from megatron_mm.training.batches import BATCH_KEYS, MicroBatches, build_datasets
 from megatron_mm.training.lr_schedule import build_scheduler, schedule_in_force
 from megatron_mm.training.resume import describe_resume
 from megatron_mm.training.metrics import TrainingLogger, cuda_peak_tflops, flops_per_token
