@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from megatron_mm.errors import UserError
+from megatron_mm.runtime.model_chunks import unwrap
 
 CHECKPOINT_DIR_PATTERN = re.compile(r"^iter_(\d{7})$")
 TRAIN_STATE_FILE = "train_state.json"  # written last: its presence marks a finished save
@@ -49,14 +50,6 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def unwrap(chunk):
-    """The bare model under DDP / Float16Module wrappers, so checkpoint keys are layout- and
-    precision-independent."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 def _model_state(model) -> dict:

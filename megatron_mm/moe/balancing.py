@@ -3,7 +3,8 @@
 Statistics per MoE layer (every router, with or without expert bias): tokens per expert after
 capacity dropping, max/mean load, tokens dropped (routed x top-k minus kept) and the expert bias.
 They come from each router's output in training forwards, summed over the tensor x data x
-context-parallel group, as megatron-core sums the counts behind its bias update.
+context-parallel group, as megatron-core sums the counts behind its bias update. They stay on the
+device: the host reads them only when a log line or a summary looks at them.
 
 The bias update itself (bias += rate * sign(mean load - load)) uses megatron-core's own counts
 (`local_tokens_per_expert`) and runs for every layer in one fused call (megatron_mm.ops.expert_bias);
@@ -12,10 +13,12 @@ with `expert_bias_update="megatron"` megatron-core's finalize_model_grads does i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-from megatron_mm.checkpoint.dist_ckpt import unwrap
 from megatron_mm.ops.expert_bias import update_expert_bias_
+from megatron_mm.runtime.model_chunks import unwrap
 
 
 class ExpertBalancing:
@@ -28,6 +31,7 @@ class ExpertBalancing:
             for name, module in unwrap(chunk).named_modules()
             if isinstance(module, TopKRouter)
         ]
+        self.layer_names = [name.removesuffix(".mlp.router").removesuffix(".router") for name, _ in self.routers]
         self.biased = [router for _, router in self.routers if router.expert_bias is not None]
         self.rate = transformer_config.moe_router_bias_update_rate
         self.topk = transformer_config.moe_router_topk
@@ -45,8 +49,10 @@ class ExpertBalancing:
         self._routed = torch.zeros(len(self.routers), device=device)
         for index, (_, router) in enumerate(self.routers):
             router.register_forward_hook(self._count_load(index))
-        self.last: dict | None = None  # statistics of the latest step
-        self.imbalance_history: list[float] = []  # mean over layers of max/mean load, per step
+        self._latest: ExpertLoad | None = None  # device tensors of the latest step
+        # Per-step mean max/mean load, kept on the device only when asked for (it grows every step).
+        self.keep_history = False
+        self._history: list[torch.Tensor] = []
 
     def _count_load(self, index: int):
         def hook(router, inputs, outputs):
@@ -84,30 +90,61 @@ class ExpertBalancing:
         return result
 
     def _record(self, kept: torch.Tensor, routed: torch.Tensor) -> None:
-        biases = {name: router.expert_bias.detach().cpu() for name, router in self.routers
+        """Keeps the step's statistics as device tensors: nothing here waits for the device."""
+        biases = {name: router.expert_bias.detach().clone() for name, (_, router) in zip(self.layer_names, self.routers)
                   if router.expert_bias is not None}
         dropped = (routed * self.topk - kept.sum(dim=1)).clamp(min=0) if self.counts_drops else None
-        self.last = {"tokens_per_expert": kept.cpu(), "dropped": None if dropped is None else dropped.cpu(),
-                     "expert_bias": biases}
-        self.imbalance_history.append(self._max_over_mean(kept).mean().item())
+        self._latest = ExpertLoad(self.layer_names, kept, dropped, biases)
+        if self.keep_history:
+            self._history.append(max_over_mean(kept).mean())
 
-    @staticmethod
-    def _max_over_mean(counts: torch.Tensor) -> torch.Tensor:
-        return counts.max(dim=1).values / counts.mean(dim=1).clamp(min=1)
+    @property
+    def imbalance_history(self) -> list[float]:
+        """Mean over layers of the max/mean load, per step since keep_history was set."""
+        return torch.stack(self._history).tolist() if self._history else []
 
-    def latest(self) -> dict | None:
-        """Per-layer max/mean load of the last step, their mean, tokens per expert, drops, biases."""
-        if self.last is None:
-            return None
-        names = [name.removesuffix(".mlp.router").removesuffix(".router") for name, _ in self.routers]
-        counts = self.last["tokens_per_expert"]
-        max_over_mean = self._max_over_mean(counts)
-        dropped = self.last["dropped"]
-        return {
-            "max_over_mean": dict(zip(names, max_over_mean.tolist())),
-            "mean_max_over_mean": max_over_mean.mean().item(),
-            "tokens_per_expert": dict(zip(names, counts)),
-            "dropped": None if dropped is None else dict(zip(names, dropped.tolist())),
-            "expert_bias": {name.removesuffix(".mlp.router").removesuffix(".router"): bias
-                            for name, bias in self.last["expert_bias"].items()},
-        }
+    def latest(self) -> ExpertLoad | None:
+        """Statistics of the last step; they are read from the device only when looked at."""
+        return self._latest
+
+
+def max_over_mean(counts: torch.Tensor) -> torch.Tensor:
+    return counts.max(dim=1).values / counts.mean(dim=1).clamp(min=1)
+
+
+class ExpertLoad(Mapping):
+    """Per-layer max/mean load ("max_over_mean"), their mean ("mean_max_over_mean"), tokens per
+    expert, drops (None with pad-to-capacity) and biases of one step, keyed by layer name. Held as
+    device tensors; the first lookup copies them to the host in one transfer."""
+
+    def __init__(self, names: list[str], kept: torch.Tensor, dropped: torch.Tensor | None, biases: dict):
+        self._names, self._kept, self._dropped, self._biases = names, kept, dropped, biases
+        self._host: dict | None = None
+
+    def _read(self) -> dict:
+        if self._host is None:
+            ratios = max_over_mean(self._kept)
+            device_parts = [self._kept.reshape(-1), ratios, *([] if self._dropped is None else [self._dropped]),
+                            *self._biases.values()]
+            sizes = [part.numel() for part in device_parts]
+            host = torch.cat([part.float() for part in device_parts]).cpu().split(sizes)
+            kept, ratios, rest = host[0].view_as(self._kept), host[1], list(host[2:])
+            dropped = None if self._dropped is None else rest.pop(0)
+            biases = {name: bias.to(original.dtype) for (name, original), bias in zip(self._biases.items(), rest)}
+            self._host = {
+                "max_over_mean": dict(zip(self._names, ratios.tolist())),
+                "mean_max_over_mean": ratios.mean().item(),
+                "tokens_per_expert": dict(zip(self._names, kept)),
+                "dropped": None if dropped is None else dict(zip(self._names, dropped.tolist())),
+                "expert_bias": biases,
+            }
+        return self._host
+
+    def __getitem__(self, key):
+        return self._read()[key]
+
+    def __iter__(self):
+        return iter(self._read())
+
+    def __len__(self) -> int:
+        return len(self._read())

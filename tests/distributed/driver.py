@@ -72,6 +72,7 @@ def main() -> int:
         pretrain.save(trainer)
     else:
         torch.save(_local_weights(trainer), out / f"initial_weights_rank{rank}.pt")
+        trainer.expert_balancing.keep_history = True  # expert_load.json below
         losses = pretrain.train(trainer)
         if rank == torch.distributed.get_world_size() - 1:
             (out / "losses.json").write_text(json.dumps(losses))
