@@ -34,6 +34,7 @@ from megatron_mm.checkpoint.streaming import (
     SafetensorsWriter,
     save_model_streaming,
 )
+from megatron_mm.models.layers.backend import LocalBackend, select_backend
 
 HF_SUBDIR = "hf"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
@@ -86,17 +87,16 @@ def meta_state_dict(model_cfg, dtype: torch.dtype = torch.float32) -> dict:
     from megatron.core import parallel_state
 
     from megatron_mm.config import ParallelConfig, TrainConfig
-    from megatron_mm.runtime import transformer_engine_available
 
     # The backend this machine trains with: its checkpoint keys are the ones training will ask for
     # (TE fuses some norms into linears, which megatron-core's MLA keys do not hide).
-    use_te = transformer_engine_available()
-    tconfig = model_cfg.transformer_config(ParallelConfig(), TrainConfig(precision="fp32"), use_te=use_te,
+    backend = select_backend(model_cfg.backend)
+    tconfig = model_cfg.transformer_config(ParallelConfig(), TrainConfig(precision="fp32"), backend,
                                            batch_p2p_comm=True)
     tconfig.perform_initialization = False
     tconfig.params_dtype = dtype  # the stored dtype (fp32-only buffers such as expert biases stay fp32)
     with torch.device("meta"):
-        model = model_cfg.build(tconfig, use_te, pre_process=True, post_process=True)
+        model = model_cfg.build(tconfig, backend, pre_process=True, post_process=True)
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     return model.sharded_state_dict(metadata={"dp_cp_group": group})
 
@@ -255,7 +255,7 @@ def _fresh_init(model_cfg):
     projections with the scaled normal, every other weight with the normal of init_method_std."""
     from megatron_mm.config import ParallelConfig, TrainConfig
 
-    tconfig = model_cfg.transformer_config(ParallelConfig(), TrainConfig(precision="fp32"), use_te=False,
+    tconfig = model_cfg.transformer_config(ParallelConfig(), TrainConfig(precision="fp32"), LocalBackend(),
                                            batch_p2p_comm=True)
 
     def init(name: str, meta: torch.Tensor) -> torch.Tensor:
@@ -301,7 +301,7 @@ def _check_shapes(source: SafetensorsReader, rules, entries: dict) -> None:
 def _run_config(model_cfg, tp: int, pp: int, ep: int):
     """Our run config for the imported model at the asked layout, checked for that layout."""
     from megatron_mm.config import Config, ConfigError, DataConfig, ParallelConfig
-    from megatron_mm.runtime import transformer_engine_available, validate_layout
+    from megatron_mm.runtime import validate_layout
 
     if tp > 0 and model_cfg.padded_vocab_size() % tp:  # a TP that does not divide VOCAB_TP_MULTIPLE pads further
         model_cfg = dataclasses.replace(model_cfg, vocab_pad_multiple=math.lcm(model_cfg.vocab_pad_multiple, tp))
@@ -313,7 +313,7 @@ def _run_config(model_cfg, tp: int, pp: int, ep: int):
     check = dataclasses.replace(cfg, data=dataclasses.replace(data, mock=True),
                                 train=dataclasses.replace(cfg.train, global_batch_size=world // (tp * pp)))
     try:
-        validate_layout(check, world, transformer_engine_available())
+        validate_layout(check, world, select_backend(model_cfg.backend).uses_te)
     except ConfigError as err:
         raise HFConversionError(f"layout tp={tp} pp={pp} ep={ep}: {err}") from None
     return cfg

@@ -10,7 +10,6 @@ and multi-token prediction.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -68,6 +67,8 @@ class DeepSeekConfig(MoEDecoderConfig):
             "v_head_dim": self.v_head_dim,
             "qk_layernorm": True,  # RMSNorm on the compressed q and kv latents
             **self._rope_fields(),
+            # megatron-core's fused MLA RoPE is YaRN-only
+            **({"apply_rope_fusion": False} if self.rotary_scaling_factor is None else {}),
             "mtp_num_layers": self.mtp_num_layers or None,  # megatron-core: None = no MTP
             "mtp_loss_scaling_factor": self.mtp_loss_weight,
         }
@@ -89,29 +90,20 @@ class DeepSeekConfig(MoEDecoderConfig):
             "mscale_all_dim": self.mscale_all_dim,
         }
 
-    def backend_transformer_fields(self, use_te: bool) -> dict:
-        fields = super().backend_transformer_fields(use_te)
-        if self.rotary_scaling_factor is None:
-            fields["apply_rope_fusion"] = False  # megatron-core's fused MLA RoPE is YaRN-only
-        return fields
-
     @property
     def kv_channels(self) -> int:
         return self.qk_head_dim + self.qk_pos_emb_head_dim
 
-    def layer_spec(self, transformer_config, use_te: bool, vp_stage=None):
-        spec = super().layer_spec(transformer_config, use_te, vp_stage)
-        if not use_te:
-            for layer in spec.layer_specs:
-                layer.submodules.self_attention.submodules.core_attention = _local_mla_core_attention()
+    def layer_spec(self, transformer_config, backend, vp_stage=None):
+        spec = super().layer_spec(transformer_config, backend, vp_stage)
+        for layer in spec.layer_specs:
+            layer.submodules.self_attention.submodules.core_attention = backend.mla_core_attention()
         return spec
 
-    def extra_model_kwargs(self, transformer_config, layer_spec, use_te: bool, vp_stage) -> dict:
+    def extra_model_kwargs(self, transformer_config, layer_spec, backend, vp_stage) -> dict:
         if not self.mtp_num_layers:
             return {}
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
-
-        return {"mtp_block_spec": get_gpt_mtp_block_spec(transformer_config, layer_spec, use_te, vp_stage=vp_stage)}
+        return {"mtp_block_spec": backend.mtp_block_spec(transformer_config, layer_spec, vp_stage)}
 
     def validate(self, parallel) -> list[str]:
         problems = super().validate(parallel)
@@ -269,25 +261,6 @@ def _yarn_from_hf(hf: dict, scaling: dict, problems: list[str]) -> dict:
         mscale=mscale if mscale is not None else 1.0,
         mscale_all_dim=mscale_all_dim,
     )
-
-
-@functools.lru_cache(maxsize=None)
-def _local_mla_core_attention():
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-    class LocalMLACoreAttention(DotProductAttention):
-        """megatron-core's torch attention for MLA without Transformer Engine: 0.16.1's
-        MLASelfAttention passes k_channels/v_channels, which DotProductAttention does not accept, and
-        the context is v_head_dim (not kv_channels) wide per head."""
-
-        def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
-                     softmax_scale=None, k_channels=None, v_channels=None, cp_comm_type=None, pg_collection=None):
-            super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout,
-                             softmax_scale, cp_comm_type, pg_collection)
-            if v_channels is not None:
-                self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
-
-    return LocalMLACoreAttention
 
 
 CONFIG_CLASS = DeepSeekConfig

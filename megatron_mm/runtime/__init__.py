@@ -1,4 +1,3 @@
-from megatron_mm.models.layers.backend import transformer_engine_available
 from megatron_mm.runtime.cpu_compat import apply_cpu_compat
 from megatron_mm.runtime.distributed import (
     LaunchEnv,
@@ -18,6 +17,5 @@ __all__ = [
     "destroy_distributed",
     "init_distributed",
     "set_seed",
-    "transformer_engine_available",
     "validate_layout",
 ]

@@ -29,6 +29,7 @@ import torch
 from megatron_mm.data.audio_features import AudioProcessor, encoder_output_length, waveform_from_record
 from megatron_mm.data.synthetic_mm import SAMPLE_RATE, render_tones, write_wav
 from megatron_mm.models.encoders.audio import AudioEncoderConfig
+from megatron_mm.models.layers.backend import LocalBackend
 
 LANGUAGE_HIDDEN = 48
 CHUNK_SECONDS = 1  # 100 mel frames -> 50 positions
@@ -174,7 +175,7 @@ def _encoder_checks_main() -> None:
         pooling = 1 if name == "whisper" else 2
         audio = audio_config_from_hf(hf_config, problems, pooling_stride=pooling)
         assert not problems, problems
-        encoder = AudioEncoder(audio, language, use_te=False).eval()
+        encoder = AudioEncoder(audio, language, LocalBackend()).eval()
         hf_state = tower.state_dict()
         rules = audio_encoder_hf_rules(audio, ours="", hf="" if name == "whisper" else "audio_tower")
         if name == "qwen2_audio":
@@ -216,7 +217,7 @@ def _encoder_checks_main() -> None:
     # The MLP projector: linear, exact GELU, linear, on the pooled, normalised states.
     audio = AudioEncoderConfig(hidden_size=32, num_layers=1, num_attention_heads=4, ffn_hidden_size=64,
                                projector_type="mlp", projector_ffn_hidden_size=40, chunk_seconds=0.5)
-    encoder = AudioEncoder(audio, language, use_te=False).eval()
+    encoder = AudioEncoder(audio, language, LocalBackend()).eval()
     p = {n: t for n, t in encoder.projector.named_parameters()}
     with torch.no_grad():
         states = encoder.features(clips[:, :, :audio.num_frames])

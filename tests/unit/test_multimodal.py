@@ -122,16 +122,17 @@ def test_placeholders_carry_the_image(model_checks):
 def _model_checks_main() -> None:
     """Runs in a fresh process: one-rank world, the tiny config's model, one micro-batch."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from megatron_mm.runtime import init_distributed, set_seed, transformer_engine_available
+    from megatron_mm.models.layers.backend import select_backend
+    from megatron_mm.runtime import init_distributed, set_seed
     from megatron_mm.training.batches import MicroBatches, build_datasets
     from megatron_mm.training.loop import model_forward
 
     cfg = load_config(TINY_LLAVA)
     init_distributed()
     set_seed(cfg.train.seed)
-    use_te = transformer_engine_available()
-    tconfig = cfg.model.transformer_config(cfg.parallel, cfg.train, use_te=use_te, batch_p2p_comm=False)
-    model = cfg.model.build(tconfig, use_te, pre_process=True, post_process=True)
+    backend = select_backend()
+    tconfig = cfg.model.transformer_config(cfg.parallel, cfg.train, backend, batch_p2p_comm=False)
+    model = cfg.model.build(tconfig, backend, pre_process=True, post_process=True)
     train, _, _ = build_datasets(cfg, None, (8, 0, 0))
     batch = next(MicroBatches(train, 0, 2, 0, 1))
     mask = batch["loss_mask"]

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from megatron_mm.data.qwen2_vl_processing import Qwen2VLImageProcessor, mrope_position_ids
+from megatron_mm.models.layers.backend import LocalBackend
 
 # Images of 4x6, 8x4 and 2x2 patches and a video of two temporal patches (4 frames) of 4x4.
 GRIDS = [[1, 4, 6], [1, 8, 4], [1, 2, 2], [2, 4, 4]]
@@ -69,7 +70,7 @@ def _encoder_checks_main() -> None:
         problems = []
         vision = vision_config_from_hf(hf_config, variant, LANGUAGE_HIDDEN, problems)
         assert not problems, problems
-        encoder = Qwen2VLImageEncoder(vision, language, use_te=False).eval()
+        encoder = Qwen2VLImageEncoder(vision, language, LocalBackend()).eval()
         hf_state = tower.state_dict()  # the tower's own names: no "visual." prefix
         rules = visual_hf_rules(vision, ours="", hf="")
         ours = {rule.ours: rule.to_ours([hf_state[name] for name in rule.hf]) for rule in rules}

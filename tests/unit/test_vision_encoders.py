@@ -24,6 +24,7 @@ import torch
 
 from megatron_mm.data.image_processing import FixedSizeImageProcessor
 from megatron_mm.models.encoders.clip_siglip import VisionEncoderConfig
+from megatron_mm.models.layers.backend import LocalBackend
 
 LANGUAGE_HIDDEN = 48
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=16,
@@ -105,7 +106,7 @@ def _encoder_checks_main() -> None:
             vision = vision_config_from_hf(hf_config, layers, problems)
             assert not problems, problems
             encoder = vision_encoder_class()(
-                vision.encoder_transformer_config(language), vision.encoder_layer_spec(use_te=False),
+                vision.encoder_transformer_config(language), LocalBackend().vit_layer_spec(),
                 patch_dim=vision.patch_size, img_h=vision.image_size, img_w=vision.image_size).eval()
             rules = vision_tower_hf_rules(vision, ours="", hf="")
             missing, unexpected = encoder.load_state_dict(
@@ -130,7 +131,7 @@ def _encoder_checks_main() -> None:
     vision = VisionEncoderConfig(hidden_size=32, num_attention_heads=4, projector_type="resampler",
                                  resampler_num_queries=5, resampler_num_layers=2, resampler_num_attention_heads=4,
                                  resampler_ffn_hidden_size=40)
-    resampler = ResamplerProjector(vision, language, use_te=False).eval()
+    resampler = ResamplerProjector(vision, language, LocalBackend()).eval()
     with torch.no_grad():
         for tensor in resampler.parameters():
             tensor.add_(torch.randn_like(tensor) * 0.1)
@@ -165,7 +166,7 @@ def _encoder_checks_main() -> None:
                                      projector_type=projector_type, projector_ffn_hidden_size=48,
                                      resampler_num_queries=6, resampler_ffn_hidden_size=40)
         with torch.no_grad():
-            rows = ImageTower(vision, language, use_te=False).eval()(torch.randn(2, 3, image_size, image_size))
+            rows = ImageTower(vision, language, LocalBackend()).eval()(torch.randn(2, 3, image_size, image_size))
         towers[f"{encoder_type}_{projector_type}_{image_size}"] = [list(rows.shape), 2 * vision.num_image_embeddings]
     results["towers"] = towers
     print(json.dumps(results))

@@ -30,8 +30,8 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_mm.checkpoint.hf_rules import Rule, fused_qkv, same
 from megatron_mm.data.audio_features import HOP_LENGTH, MEL_BINS, SAMPLE_RATE, encoder_output_length
-from megatron_mm.models.multimodal import encoder_base_config
-from megatron_mm.models.encoders.clip_siglip import AffineProjectorLinear
+from megatron_mm.models.encoders.common import AffineProjectorLinear, encoder_config
+from megatron_mm.models.layers import counts
 
 PROJECTOR_TYPES = ("affine", "mlp")
 
@@ -104,23 +104,32 @@ class AudioEncoderConfig:
 
         return AudioProcessor(self.num_mel_bins, self.clip_seconds, self.pooling_stride)
 
-    def num_parameters(self, language_hidden_size: int) -> int:
-        h, f, m = self.hidden_size, self.ffn_hidden_size, self.num_mel_bins
-        layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h  # attention, MLP, two LayerNorms
-        convs = 3 * m * h + h + 3 * h * h + h
+    def counts(self, language_hidden_size: int) -> counts.EncoderCounts:
+        """Encoder and projector per clip: the convolutions over its frames, the layers over the
+        strided positions, the projector over the pooled embeddings (models/layers/counts.py)."""
+        h, frames, embeddings = self.hidden_size, self.num_frames, self.embeddings_per_clip
+        positions = (frames + 1) // 2  # after the stride-2 convolution
+        conv1, conv2 = counts.linear(3 * self.num_mel_bins, h, bias=True), counts.linear(3 * h, h, bias=True)
+        layers = [counts.encoder_layer(h, self.num_attention_heads, self.ffn_hidden_size, False, "LayerNorm")
+                  ] * self.num_layers
         if self.projector_type == "mlp":
-            p = self.projector_ffn_hidden_size
-            projector = h * p + p + p * language_hidden_size + language_hidden_size
+            projector = (counts.linear(h, self.projector_ffn_hidden_size, bias=True)
+                         + counts.linear(self.projector_ffn_hidden_size, language_hidden_size, bias=True))
         else:
-            projector = h * language_hidden_size + language_hidden_size
-        return convs + self.num_layers * layer + 2 * h + projector
+            projector = counts.linear(h, language_hidden_size, bias=True)
+        parameters = (conv1.parameters + conv2.parameters + self.max_source_positions * h
+                      + sum(layer.parameters for layer in layers) + counts.norm(h, "LayerNorm").parameters
+                      + projector.parameters)
+        macs = (frames * conv1.macs + positions * conv2.macs + counts.bidirectional_macs(positions, layers)
+                + embeddings * projector.macs)
+        return counts.EncoderCounts(parameters, macs, embeddings)
 
     # ---- megatron-core configs and specs -------------------------------------------------------
     def encoder_transformer_config(self, language_config):
         """The encoder layers' TransformerConfig: the language config's precision and TP with this
         encoder's shape; no PP/SP/CP or recomputation (the encoder runs whole on the first stage)."""
-        return dataclasses.replace(
-            encoder_base_config(language_config),
+        return encoder_config(
+            language_config,
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
             ffn_hidden_size=self.ffn_hidden_size,
@@ -131,19 +140,6 @@ class AudioEncoderConfig:
             normalization="LayerNorm",
             gated_linear_unit=False,
             activation_func=F.gelu,
-            add_bias_linear=True,
-            add_qkv_bias=True,
-            qk_layernorm=False,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            bias_activation_fusion=False,
-            apply_rope_fusion=False,
-            pipeline_model_parallel_layout=None,
-            num_layers_in_first_pipeline_stage=None,
-            num_layers_in_last_pipeline_stage=None,
-            recompute_granularity=None,
-            recompute_method=None,
-            recompute_num_layers=None,
         )
 
     def projector_transformer_config(self, language_config):
@@ -156,52 +152,6 @@ class AudioEncoderConfig:
             kv_channels=language_config.kv_channels,
             ffn_hidden_size=self.projector_ffn_hidden_size,
         )
-
-    @staticmethod
-    def layer_spec(use_te: bool):
-        """A pre-norm layer attending over the whole clip, with separate norm modules on both
-        backends so that checkpoints keep the same names."""
-        from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-        from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-        from megatron.core.transformer.enums import AttnMaskType
-        from megatron.core.transformer.mlp import MLP, MLPSubmodules
-        from megatron.core.transformer.spec_utils import ModuleSpec
-        from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-
-        norm, column, row, core = _backend_modules(use_te)
-        return ModuleSpec(
-            module=TransformerLayer,
-            submodules=TransformerLayerSubmodules(
-                input_layernorm=norm,
-                self_attention=ModuleSpec(
-                    module=SelfAttention,
-                    params={"attn_mask_type": AttnMaskType.no_mask},
-                    submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core, linear_proj=row),
-                ),
-                self_attn_bda=get_bias_dropout_add,
-                pre_mlp_layernorm=norm,
-                mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
-                mlp_bda=get_bias_dropout_add,
-            ),
-        )
-
-
-def _backend_modules(use_te: bool):
-    """(norm, column-parallel linear, row-parallel linear, core attention) of a backend."""
-    if use_te:
-        from megatron.core.extensions.transformer_engine import (
-            TEColumnParallelLinear,
-            TEDotProductAttention,
-            TENorm,
-            TERowParallelLinear,
-        )
-
-        return TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    return WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear, DotProductAttention
 
 
 def sinusoidal_positions(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
@@ -217,8 +167,9 @@ class AudioEncoder(MegatronModule):
 
     MEDIA_KEYS = ("audio_features",)
 
-    def __init__(self, audio: AudioEncoderConfig, language_config, use_te: bool):
+    def __init__(self, audio: AudioEncoderConfig, language_config, backend):
         from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+        from megatron.core.transformer.enums import AttnMaskType
         from megatron.core.transformer.mlp import MLPSubmodules
         from megatron.core.transformer.spec_utils import build_module
         from megatron.core.transformer.transformer_block import TransformerBlock
@@ -232,12 +183,11 @@ class AudioEncoder(MegatronModule):
         self.conv2 = torch.nn.Conv1d(h, h, kernel_size=3, stride=2, padding=1, dtype=dtype)
         self.position_embeddings = torch.nn.Parameter(
             sinusoidal_positions(audio.max_source_positions, h).to(dtype), requires_grad=False)
-        self.block = TransformerBlock(config, audio.layer_spec(use_te), post_layer_norm=False)
-        norm, column, row, _ = _backend_modules(use_te)
-        self.final_layernorm = build_module(norm, config=config, hidden_size=h, eps=audio.norm_epsilon)
-        fc1 = column if audio.projector_type == "mlp" else AffineProjectorLinear
+        self.block = TransformerBlock(config, backend.encoder_layer_spec(AttnMaskType.no_mask), post_layer_norm=False)
+        self.final_layernorm = build_module(backend.norm(), config=config, hidden_size=h, eps=audio.norm_epsilon)
+        fc1 = backend.column_linear() if audio.projector_type == "mlp" else AffineProjectorLinear
         self.projector = MultimodalProjector(audio.projector_transformer_config(language_config),
-                                             MLPSubmodules(linear_fc1=fc1, linear_fc2=row),
+                                             MLPSubmodules(linear_fc1=fc1, linear_fc2=backend.row_linear()),
                                              audio.projector_type, h)
 
     def features(self, audio_features: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ that dist-checkpoints shard their tensor-parallel weights.
 
 megatron-core 0.16.1's pieces are used as they are, with two CPU-side corrections:
 - its local ViT layer spec uses a causal mask; a ViT attends both ways (the TE spec says no_mask),
-  so the local spec here uses no_mask too and both backends compute the same encoder;
+  so the local backend (models/layers/backend.py) uses no_mask too and both compute the same encoder;
 - without Transformer Engine, CLIPViTModel's default norms are torch.nn.LayerNorm, which
   build_module cannot construct (it passes config=); VisionEncoder swaps in megatron-core's
   WrappedTorchNorm (a LayerNorm taking the config).
@@ -18,15 +18,18 @@ only the layers up to it (`layers_up_to`), and then has no final norm either.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_mm.checkpoint.hf_rules import Rule, fused_qkv, same
-from megatron_mm.models.multimodal import encoder_base_config
+from megatron_mm.models.encoders.common import AffineProjectorLinear, encoder_config
 
 ENCODER_TYPES = ("clip", "siglip")
 PROJECTOR_TYPES = ("mlp", "affine", "resampler")
@@ -128,21 +131,9 @@ class VisionEncoderConfig:
 
     # ---- megatron-core configs and specs ---------------------------------------------------------
     def _encoder_side_config(self, language_config, **fields):
-        """The language config's precision and TP with an encoder-side shape; no PP, SP or CP (the
-        encoders live whole on the first pipeline stage)."""
-        return dataclasses.replace(
-            encoder_base_config(language_config),
-            hidden_size=self.hidden_size,
-            layernorm_epsilon=self.norm_epsilon,
-            normalization="LayerNorm",
-            gated_linear_unit=False,
-            add_bias_linear=True,
-            add_qkv_bias=True,
-            qk_layernorm=False,
-            bias_activation_fusion=False,
-            apply_rope_fusion=False,
-            **fields,
-        )
+        """An encoder-side config at the ViT's width (LayerNorm, plain MLP)."""
+        return encoder_config(language_config, hidden_size=self.hidden_size, layernorm_epsilon=self.norm_epsilon,
+                              normalization="LayerNorm", gated_linear_unit=False, **fields)
 
     def encoder_transformer_config(self, language_config):
         """The ViT's TransformerConfig."""
@@ -161,14 +152,8 @@ class VisionEncoderConfig:
 
     def projector_transformer_config(self, language_config):
         """The MLP projector maps ViT width -> ffn -> the language model's hidden size."""
-        return dataclasses.replace(
-            encoder_base_config(language_config),
-            ffn_hidden_size=self.projector_ffn_hidden_size,
-            gated_linear_unit=False,
-            activation_func=torch.nn.functional.gelu,
-            add_bias_linear=True,
-            bias_activation_fusion=False,
-        )
+        return encoder_config(language_config, ffn_hidden_size=self.projector_ffn_hidden_size,
+                              gated_linear_unit=False, activation_func=torch.nn.functional.gelu)
 
     def resampler_transformer_config(self, language_config):
         """The resampler's layers work at the ViT's width; only its output layer reaches the language's."""
@@ -182,67 +167,10 @@ class VisionEncoderConfig:
             activation_func=torch.nn.functional.gelu,
         )
 
-    @staticmethod
-    def encoder_layer_spec(use_te: bool):
-        from megatron.core.models.vision.vit_layer_specs import (
-            get_vit_layer_with_local_spec,
-            get_vit_layer_with_transformer_engine_spec,
-        )
-        from megatron.core.transformer.enums import AttnMaskType
-
-        if use_te:
-            return get_vit_layer_with_transformer_engine_spec()
-        spec = get_vit_layer_with_local_spec()
-        spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.no_mask}
-        return spec
-
-    def projector_spec(self, use_te: bool):
-        from megatron.core.tensor_parallel.layers import RowParallelLinear
-        from megatron.core.transformer.mlp import MLPSubmodules
-
+    def projector_spec(self, backend):
         if self.projector_type == "affine":
             return MLPSubmodules(linear_fc1=AffineProjectorLinear)
-        if use_te:
-            from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
-
-            return MLPSubmodules(linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
-        return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-
-    @staticmethod
-    def resampler_layer_spec(use_te: bool):
-        """A transformer layer without self-attention: norm -> cross-attention to the image's tokens
-        -> residual, norm -> MLP -> residual."""
-        from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-        from megatron.core.transformer.attention import CrossAttention, CrossAttentionSubmodules
-        from megatron.core.transformer.dot_product_attention import DotProductAttention
-        from megatron.core.transformer.enums import AttnMaskType
-        from megatron.core.transformer.mlp import MLP, MLPSubmodules
-        from megatron.core.transformer.spec_utils import ModuleSpec
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-        from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-
-        column, row, core, norm = ColumnParallelLinear, RowParallelLinear, DotProductAttention, WrappedTorchNorm
-        if use_te:
-            from megatron.core.extensions.transformer_engine import (
-                TEColumnParallelLinear,
-                TEDotProductAttention,
-                TENorm,
-                TERowParallelLinear,
-            )
-
-            column, row, core, norm = TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention, TENorm
-        return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
-            pre_cross_attn_layernorm=norm,
-            cross_attention=ModuleSpec(
-                module=CrossAttention, params={"attn_mask_type": AttnMaskType.no_mask},
-                submodules=CrossAttentionSubmodules(linear_q=column, linear_kv=column, core_attention=core,
-                                                    linear_proj=row)),
-            cross_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
-            mlp_bda=get_bias_dropout_add,
-        ))
+        return backend.mlp_submodules()
 
 
 def vision_encoder_class():
@@ -274,27 +202,17 @@ class ResamplerProjector(MegatronModule):
     TransformerBlock of cross-attention layers, final norm included), then a column-parallel linear
     gathered to the language width."""
 
-    def __init__(self, vision: VisionEncoderConfig, language_config, use_te: bool):
-        from megatron.core.tensor_parallel.layers import ColumnParallelLinear
-        from megatron.core.transformer.spec_utils import build_module
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-        from megatron.core.transformer.transformer_block import TransformerBlock
-
+    def __init__(self, vision: VisionEncoderConfig, language_config, backend):
         config = vision.resampler_transformer_config(language_config)
         super().__init__(config=config)
         self.queries = torch.nn.Parameter(torch.empty(vision.resampler_num_queries, vision.hidden_size,
                                                       dtype=config.params_dtype))
         if config.perform_initialization:
             config.init_method(self.queries)
-        norm = WrappedTorchNorm
-        if use_te:
-            from megatron.core.extensions.transformer_engine import TENorm
-
-            norm = TENorm
         # The encoder's tokens (CLIP's are not normalised at the end) enter every layer's keys/values.
-        self.context_norm = build_module(norm, config=config, hidden_size=vision.hidden_size,
+        self.context_norm = build_module(backend.norm(), config=config, hidden_size=vision.hidden_size,
                                          eps=config.layernorm_epsilon)
-        self.block = TransformerBlock(config, vision.resampler_layer_spec(use_te), pre_process=True, post_process=True)
+        self.block = TransformerBlock(config, backend.cross_attention_layer_spec(), pre_process=True, post_process=True)
         self.output = ColumnParallelLinear(vision.hidden_size, language_config.hidden_size, config=config,
                                            init_method=config.init_method, bias=True, gather_output=True)
 
@@ -307,22 +225,10 @@ class ResamplerProjector(MegatronModule):
         return output
 
 
-class AffineProjectorLinear(ColumnParallelLinear):
-    """The affine projector's linear, on both backends: it gathers its output across tensor-parallel
-    ranks with the bias already added. megatron-core's affine MultimodalProjector asks for the bias
-    apart (skip_bias_add) and would add this rank's shard of it to the gathered output; TE linears
-    cannot gather."""
-
-    def __init__(self, *args, skip_bias_add: bool = False, **kwargs):
-        super().__init__(*args, skip_bias_add=False, **kwargs)
-
-
-def build_projector(vision: VisionEncoderConfig, language_config, use_te: bool) -> torch.nn.Module:
+def build_projector(vision: VisionEncoderConfig, language_config, backend) -> torch.nn.Module:
     if vision.projector_type == "resampler":
-        return ResamplerProjector(vision, language_config, use_te)
-    from megatron.core.models.vision.multimodal_projector import MultimodalProjector
-
-    return MultimodalProjector(vision.projector_transformer_config(language_config), vision.projector_spec(use_te),
+        return ResamplerProjector(vision, language_config, backend)
+    return MultimodalProjector(vision.projector_transformer_config(language_config), vision.projector_spec(backend),
                                vision.projector_type, vision.hidden_size)
 
 
@@ -332,14 +238,14 @@ class ImageTower(MegatronModule):
 
     MEDIA_KEYS = ("images",)
 
-    def __init__(self, vision: VisionEncoderConfig, language_config, use_te: bool):
-        encoder_config = vision.encoder_transformer_config(language_config)
-        super().__init__(config=encoder_config)
+    def __init__(self, vision: VisionEncoderConfig, language_config, backend):
+        tower_config = vision.encoder_transformer_config(language_config)
+        super().__init__(config=tower_config)
         self.encoder = vision_encoder_class()(
-            encoder_config, vision.encoder_layer_spec(use_te),
+            tower_config, backend.vit_layer_spec(),
             patch_dim=vision.patch_size, img_h=vision.image_size, img_w=vision.image_size,
         )
-        self.projector = build_projector(vision, language_config, use_te)
+        self.projector = build_projector(vision, language_config, backend)
         self.resampled = vision.projector_type == "resampler"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

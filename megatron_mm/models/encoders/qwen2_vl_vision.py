@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_mm.checkpoint.hf_rules import Rule, fused_gate_up, fused_qkv, same
-from megatron_mm.models.multimodal import encoder_base_config
+from megatron_mm.models.encoders.common import encoder_config
+from megatron_mm.models.layers import counts
 
 VARIANTS = ("qwen2_vl", "qwen2_5_vl")
 
@@ -95,8 +96,8 @@ class Qwen2VLVisionConfig:
         encoder's shape, no PP/SP/CP (the encoder runs whole on the first pipeline stage)."""
         from megatron.core.activations import quick_gelu
 
-        return dataclasses.replace(
-            encoder_base_config(language_config),
+        return encoder_config(
+            language_config,
             num_layers=self.depth,
             hidden_size=self.hidden_size,
             ffn_hidden_size=self.ffn_hidden_size,
@@ -107,18 +108,8 @@ class Qwen2VLVisionConfig:
             normalization="RMSNorm" if self.windowed else "LayerNorm",
             gated_linear_unit=self.windowed,
             activation_func=F.silu if self.windowed else quick_gelu,
-            add_bias_linear=True,
-            add_qkv_bias=True,
-            qk_layernorm=False,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
             masked_softmax_fusion=False,  # the fused kernels take causal/padding masks, not arbitrary ones
-            bias_activation_fusion=False,
-            apply_rope_fusion=False,  # per-token 2D frequencies, not positions 0..s-1
-            rotary_interleaved=False,
-            recompute_granularity=None,
-            recompute_method=None,
-            recompute_num_layers=None,
+            rotary_interleaved=False,  # (no rotary fusion: per-token 2D frequencies, not positions 0..s-1)
         )
 
     def merger_transformer_config(self, language_config):
@@ -132,56 +123,30 @@ class Qwen2VLVisionConfig:
         )
 
     @staticmethod
-    def layer_spec(use_te: bool):
-        """A pre-norm layer with separate norm modules on both backends, so checkpoints keep the
-        same names (input_layernorm / pre_mlp_layernorm with their LayerNorm biases)."""
-        from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-        from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    def layer_spec(backend):
+        """Each frame (or window) attends only to itself: an explicit mask on the local backend, packed
+        sequences (thd) where the backend has them (megatron-core then makes the mask type padding)."""
         from megatron.core.transformer.enums import AttnMaskType
-        from megatron.core.transformer.mlp import MLP, MLPSubmodules
-        from megatron.core.transformer.spec_utils import ModuleSpec
-        from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-        if use_te:
-            from megatron.core.extensions.transformer_engine import (
-                TEColumnParallelLinear,
-                TEDotProductAttention,
-                TENorm,
-                TERowParallelLinear,
-            )
+        return backend.encoder_layer_spec(
+            AttnMaskType.no_mask if backend.packed_sequence_attention else AttnMaskType.arbitrary)
 
-            norm, column, row, core = TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
-            mask = AttnMaskType.no_mask  # with packed sequences megatron-core makes it `padding`
-        else:
-            from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-            from megatron.core.transformer.dot_product_attention import DotProductAttention
-            from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-            norm, column, row, core = WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear, DotProductAttention
-            mask = AttnMaskType.arbitrary
-        return ModuleSpec(
-            module=TransformerLayer,
-            submodules=TransformerLayerSubmodules(
-                input_layernorm=norm,
-                self_attention=ModuleSpec(
-                    module=SelfAttention,
-                    params={"attn_mask_type": mask},
-                    submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core, linear_proj=row),
-                ),
-                self_attn_bda=get_bias_dropout_add,
-                pre_mlp_layernorm=norm,
-                mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
-                mlp_bda=get_bias_dropout_add,
-            ),
-        )
-
-    def num_parameters(self) -> int:
-        h, f, m = self.hidden_size, self.ffn_hidden_size, self.merged_dim
-        norms = 2 * h if self.windowed else 4 * h
-        mlp = 3 * h * f + 2 * f + h if self.windowed else 2 * h * f + f + h
-        layer = 4 * h * h + 4 * h + mlp + norms
-        merger = (h if self.windowed else 2 * h) + m * m + m + m * self.out_hidden_size + self.out_hidden_size
-        return self.patch_dim * h + self.depth * layer + merger
+    def counts(self, pixels: int) -> counts.EncoderCounts:
+        """Tower and merger for one image of `pixels` pixels (one temporal patch); windowed layers
+        attend within windows of window_size pixels (models/layers/counts.py)."""
+        h, m, merge = self.hidden_size, self.merged_dim, self.spatial_merge_size
+        normalization = "RMSNorm" if self.windowed else "LayerNorm"
+        embeddings = pixels // (self.patch_size * merge) ** 2
+        patches = embeddings * merge ** 2
+        window = (self.window_size // self.patch_size) ** 2
+        layers = [counts.encoder_layer(h, self.num_heads, self.ffn_hidden_size, self.windowed, normalization,
+                                       window=None if self.full_attention(i) else window) for i in range(self.depth)]
+        patch_embed = counts.linear(self.patch_dim, h)
+        merger = counts.linear(m, m, bias=True) + counts.linear(m, self.out_hidden_size, bias=True)
+        parameters = (patch_embed.parameters + sum(layer.parameters for layer in layers)
+                      + counts.norm(h, normalization).parameters + merger.parameters)
+        macs = patches * patch_embed.macs + counts.bidirectional_macs(patches, layers) + embeddings * merger.macs
+        return counts.EncoderCounts(parameters, macs, embeddings)
 
 
 # ---- patch bookkeeping (pure functions of the grids) ---------------------------------------------
@@ -227,7 +192,7 @@ class Qwen2VLImageEncoder(MegatronModule):
 
     MEDIA_KEYS = ("pixel_values", "image_grid_thw")
 
-    def __init__(self, vision: Qwen2VLVisionConfig, language_config, use_te: bool):
+    def __init__(self, vision: Qwen2VLVisionConfig, language_config, backend):
         from megatron.core.models.vision.multimodal_projector import MultimodalProjector
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
         from megatron.core.transformer.mlp import MLPSubmodules
@@ -236,11 +201,11 @@ class Qwen2VLImageEncoder(MegatronModule):
 
         config = vision.encoder_transformer_config(language_config)
         super().__init__(config=config)
-        self.vision, self.use_te = vision, use_te
+        self.vision, self.backend = vision, backend
         # A Conv3d whose kernel equals its stride, on pre-cut patches: one matmul.
         self.patch_embed = torch.nn.Linear(vision.patch_dim, vision.hidden_size, bias=False,
                                            dtype=config.params_dtype)
-        spec = vision.layer_spec(use_te)
+        spec = vision.layer_spec(backend)
         self.layers = torch.nn.ModuleList(
             build_module(spec, config=config, layer_number=i + 1) for i in range(vision.depth))
         merger_config = vision.merger_transformer_config(language_config)
@@ -276,7 +241,7 @@ class Qwen2VLImageEncoder(MegatronModule):
 
     def attention_runs(self, segments: torch.Tensor, device) -> dict:
         """The keyword arguments that confine each patch's attention to its segment's run."""
-        if self.use_te:
+        if self.backend.packed_sequence_attention:
             from megatron.core.packed_seq_params import PackedSeqParams
 
             bounds = run_lengths(segments).to(device)

@@ -117,14 +117,13 @@ class EmbeddingScale:
         return output * self.scale.to(device=output.device, dtype=output.dtype)
 
 
-def gemma3_block_spec(config, use_te: bool, local_rotary_base: float, vp_stage=None):
+def gemma3_block_spec(config, backend, local_rotary_base: float, vp_stage=None):
     """TransformerBlockSubmodules for this pipeline stage's Gemma 3 layers:
 
     input_layernorm -> attention (QK-norm (1+w), query_pre_attn_scalar via config.softmax_scale)
     -> linear_proj + post-attention norm -> residual; pre_mlp_layernorm -> GeGLU MLP -> linear_fc2 +
     post-feed-forward norm -> residual; final norm. Norms are never fused into TE linears, so the
     parameter names are the same with and without Transformer Engine."""
-    from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.transformer.attention import SelfAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -133,12 +132,6 @@ def gemma3_block_spec(config, use_te: bool, local_rotary_base: float, vp_stage=N
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-    if use_te:
-        from megatron.core.models.backends import TESpecProvider
-
-        backend = TESpecProvider()
-    else:
-        backend = LocalSpecProvider()
     layer = ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -147,9 +140,9 @@ def gemma3_block_spec(config, use_te: bool, local_rotary_base: float, vp_stage=N
                 module=Gemma3SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal, "local_rotary_base": local_rotary_base},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=backend.column_parallel_linear(),
+                    linear_qkv=backend.column_linear(),
                     core_attention=backend.core_attention(),
-                    linear_proj=post_norm_linear(backend.row_parallel_linear()),
+                    linear_proj=post_norm_linear(backend.row_linear()),
                     q_layernorm=Gemma3RMSNorm,
                     k_layernorm=Gemma3RMSNorm,
                 ),
@@ -157,8 +150,8 @@ def gemma3_block_spec(config, use_te: bool, local_rotary_base: float, vp_stage=N
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=Gemma3RMSNorm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
-                linear_fc1=backend.column_parallel_linear(),
-                linear_fc2=post_norm_linear(backend.row_parallel_linear()))),
+                linear_fc1=backend.column_linear(),
+                linear_fc2=post_norm_linear(backend.row_linear()))),
             mlp_bda=get_bias_dropout_add,
         ),
     )
