@@ -31,6 +31,7 @@ from typing import Optional
 import torch.nn.functional as F
 
 from megatron_mm.checkpoint import hf_rules
+from megatron_mm.models.layers import counts
 from megatron_mm.models.layers.decoder import DecoderConfig
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -93,10 +94,9 @@ class Gemma3Config(DecoderConfig):
                 problems.append(f"model.layer_types entries must be {SLIDING!r} or {FULL!r}")
         return problems
 
-    def num_parameters(self) -> tuple[int, int]:
-        total, embedding = super().num_parameters()
-        extra = self.num_layers * (2 * self.hidden_size + 2 * self.kv_channels)  # post norms, QK norms
-        return total + extra, embedding
+    def counts(self) -> counts.ModelCounts:
+        post_norms = counts.norm(self.hidden_size) + counts.norm(self.hidden_size)  # after attention and MLP
+        return counts.decoder_counts(self, layer_extra=post_norms)
 
     # ---- HuggingFace mapping ------------------------------------------------------------------
     HF_ARCHITECTURES = ("Gemma3ForCausalLM",)

@@ -85,12 +85,8 @@ class LlavaConfig(MultimodalFamily, LlamaConfig):
     def build_encoders(self, transformer_config, use_te: bool) -> dict[str, torch.nn.Module]:
         return {"image": ImageTower(self.vision(), transformer_config, use_te)}
 
-    def encoder_num_parameters(self) -> int:
-        """The ViT and a two-layer MLP projector (FLOP estimate)."""
-        v = self.vision()
-        h, f = v.hidden_size, v.ffn_hidden_size
-        encoder = v.num_layers * (4 * h * h + 2 * h * f + 9 * h + f) + 3 * v.patch_size ** 2 * h
-        return encoder + h * v.projector_ffn_hidden_size + v.projector_ffn_hidden_size * self.hidden_size
+    def encoder_counts(self) -> dict:
+        return {"image": self.vision().counts(self.hidden_size)}
 
     def validate(self, parallel) -> list[str]:
         from megatron_mm.runtime import transformer_engine_available

@@ -14,9 +14,13 @@ An encoder module declares `MEDIA_KEYS` (the batch keys it reads) and maps
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
+
+from megatron_mm.models.layers.counts import EncoderCounts, ModelCounts
 
 
 class MultimodalModel(MegatronModule):
@@ -115,9 +119,9 @@ class MultimodalFamily:
         """One sample's position ids ([S]; M-RoPE families return [3, S])."""
         return torch.arange(tokens.shape[0])
 
-    def encoder_num_parameters(self) -> int:
-        """Encoder + projector parameters, for the FLOP estimate."""
-        return 0
+    def encoder_counts(self) -> dict[str, EncoderCounts]:
+        """modality -> its encoder's and projector's counts (models/layers/counts.py)."""
+        raise NotImplementedError
 
     def validate(self, parallel) -> list[str]:
         problems = super().validate(parallel)
@@ -134,6 +138,5 @@ class MultimodalFamily:
         encoders = self.build_encoders(transformer_config, use_te) if pre_process else {}
         return MultimodalModel(transformer_config, language_model, encoders, self.placeholder_ids())
 
-    def num_parameters(self) -> tuple[int, int]:
-        total, embedding = super().num_parameters()
-        return total + self.encoder_num_parameters(), embedding
+    def counts(self) -> ModelCounts:
+        return dataclasses.replace(super().counts(), encoders=self.encoder_counts())

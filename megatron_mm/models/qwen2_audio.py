@@ -66,11 +66,6 @@ class Qwen2AudioConfig(MultimodalFamily, LlamaConfig):
     def family_transformer_fields(self) -> dict:
         return {**super().family_transformer_fields(), "add_qkv_bias": self.qkv_bias}
 
-    def num_parameters(self) -> tuple[int, int]:
-        total, embedding = super().num_parameters()
-        qkv_bias = (self.num_attention_heads + 2 * self.query_groups) * self.kv_channels if self.qkv_bias else 0
-        return total + self.num_layers * qkv_bias, embedding
-
     # ---- MultimodalFamily ----------------------------------------------------------------------
     def placeholder_ids(self) -> dict[str, int]:
         return {"audio": self.audio_token_id}
@@ -81,8 +76,8 @@ class Qwen2AudioConfig(MultimodalFamily, LlamaConfig):
     def build_encoders(self, transformer_config, use_te: bool) -> dict[str, torch.nn.Module]:
         return {"audio": AudioEncoder(self.audio(), transformer_config, use_te)}
 
-    def encoder_num_parameters(self) -> int:
-        return self.audio().num_parameters(self.hidden_size)
+    def encoder_counts(self) -> dict:
+        return {"audio": self.audio().counts(self.hidden_size)}
 
     def validate(self, parallel) -> list[str]:
         from megatron_mm.runtime import transformer_engine_available

@@ -76,11 +76,6 @@ class Qwen2VLConfig(MultimodalFamily, DecoderConfig):
     def family_model_kwargs(self) -> dict:
         return {"position_embedding_type": "mrope"}
 
-    def num_parameters(self) -> tuple[int, int]:
-        total, embedding = super().num_parameters()
-        qkv_bias = (self.num_attention_heads + 2 * self.query_groups) * self.kv_channels
-        return total + self.num_layers * qkv_bias, embedding
-
     # ---- MultimodalFamily ----------------------------------------------------------------------
     def placeholder_ids(self) -> dict[str, int]:
         return {"image": self.image_token_id}
@@ -102,8 +97,8 @@ class Qwen2VLConfig(MultimodalFamily, DecoderConfig):
     def build_encoders(self, transformer_config, use_te: bool) -> dict[str, torch.nn.Module]:
         return {"image": Qwen2VLImageEncoder(self.vision(), transformer_config, use_te)}
 
-    def encoder_num_parameters(self) -> int:
-        return self.vision().num_parameters()
+    def encoder_counts(self) -> dict:
+        return {"image": self.vision().counts(self.vision_max_pixels)}
 
     def validate(self, parallel) -> list[str]:
         problems = super().validate(parallel) + self.vision().validate(parallel)

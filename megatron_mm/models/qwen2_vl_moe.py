@@ -25,10 +25,6 @@ class Qwen2VLMoEConfig(Qwen2VLConfig, MoEDecoderConfig):
         return {**MoEDecoderConfig.family_transformer_fields(self), "qk_layernorm": True,
                 "mrope_section": list(self.mrope_section)}
 
-    def num_parameters(self) -> tuple[int, int]:
-        total, embedding = MoEDecoderConfig.num_parameters(self)
-        return total + self.encoder_num_parameters(), embedding
-
     @classmethod
     def from_hf_config(cls, hf: dict):
         from megatron_mm.checkpoint.hf_rules import HFConversionError

@@ -33,7 +33,7 @@ from megatron_mm.runtime.layout import data_parallel_size
 from megatron_mm.training.batches import BATCH_KEYS, MicroBatches, build_datasets
 from megatron_mm.training.lr_schedule import build_scheduler, schedule_in_force
 from megatron_mm.training.resume import describe_resume
-from megatron_mm.training.metrics import TrainingLogger, cuda_peak_tflops, flops_per_token
+from megatron_mm.training.metrics import TrainingLogger, cuda_peak_tflops
 from megatron_mm.training.stages import apply_stage, lr_overrides
 from megatron_mm.training.stop_signals import StopSignals
 
@@ -338,7 +338,7 @@ def train(trainer: Trainer) -> dict:
         t.output_dir,
         enabled=rank == world - 1,
         tensorboard=t.tensorboard,
-        flops_per_token=flops_per_token(cfg.model, cfg.data.seq_length, t.recompute),
+        flops_per_token=cfg.model.counts().flops_per_token(cfg.data.seq_length, t.recompute),
         num_devices=world,
         peak_tflops=cuda_peak_tflops(t.peak_tflops),
         start_iteration=trainer.iteration,

@@ -11,17 +11,6 @@ from typing import Optional
 import torch
 
 
-def flops_per_token(model_cfg, seq_length: int, recompute: str) -> float:
-    """Model FLOPs per trained token: 6 x matmul parameters, plus attention scores and values
-    (12 x layers x seq x heads*head_dim); full recompute re-runs the forward (8 instead of 6)."""
-    total, embedding = model_cfg.num_parameters()
-    input_embedding = model_cfg.padded_vocab_size() * model_cfg.hidden_size
-    matmul_params = total - input_embedding if not model_cfg.tie_word_embeddings else total
-    factor = 8 if recompute == "full" else 6
-    attention = 2 * factor * model_cfg.num_layers * seq_length * model_cfg.num_attention_heads * model_cfg.kv_channels
-    return factor * matmul_params + attention
-
-
 class TrainingLogger:
     def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool, flops_per_token: float,
                  num_devices: int, peak_tflops: Optional[float], start_iteration: int = 0):

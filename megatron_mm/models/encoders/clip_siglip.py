@@ -30,6 +30,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_mm.checkpoint.hf_rules import Rule, fused_qkv, same
 from megatron_mm.models.encoders.common import AffineProjectorLinear, encoder_config
+from megatron_mm.models.layers import counts
 
 ENCODER_TYPES = ("clip", "siglip")
 PROJECTOR_TYPES = ("mlp", "affine", "resampler")
@@ -96,6 +97,32 @@ class VisionEncoderConfig:
         if not 1 <= layers <= total_layers:
             raise ValueError(f"feature layer {feature_layer} of a {total_layers}-layer encoder runs no layer")
         return layers
+
+    def counts(self, language_hidden_size: int) -> counts.EncoderCounts:
+        """ViT and projector per image: the layers over its patches (and CLIP's class token), the
+        projector over the patches or, for the resampler, its queries (models/layers/counts.py)."""
+        h, patches, clip = self.hidden_size, self.num_patches, self.has_class_token
+        tokens = patches + int(clip)
+        patch_embed = counts.linear(3 * self.patch_size ** 2, h, bias=not clip)  # CLIP's convolution has no bias
+        layers = [counts.encoder_layer(h, self.num_attention_heads, self.ffn_hidden_size, False, "LayerNorm")
+                  ] * self.num_layers
+        layer_norm = counts.norm(h, "LayerNorm").parameters
+        parameters = (patch_embed.parameters + tokens * h + sum(layer.parameters for layer in layers)
+                      + (h + layer_norm if clip else 0)  # class token, norm before the layers
+                      + (layer_norm if self.post_layernorm else 0))
+        macs = patches * patch_embed.macs + counts.bidirectional_macs(tokens, layers)
+        if self.projector_type == "resampler":
+            resampler = (self.resampler_num_queries, h, self.resampler_ffn_hidden_size, self.resampler_num_layers)
+            parameters += counts.resampler_parameters(*resampler, language_hidden_size)
+            macs += (counts.resampler_macs(*resampler, context=patches)
+                     + self.resampler_num_queries * h * language_hidden_size)
+        else:
+            projector = (counts.linear(h, language_hidden_size, bias=True) if self.projector_type == "affine" else
+                         counts.linear(h, self.projector_ffn_hidden_size, bias=True)
+                         + counts.linear(self.projector_ffn_hidden_size, language_hidden_size, bias=True))
+            parameters += projector.parameters
+            macs += patches * projector.macs
+        return counts.EncoderCounts(parameters, macs, self.num_image_embeddings)
 
     def validate(self, parallel) -> list[str]:
         problems = []

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_mm.models.layers.counts import ModelCounts, decoder_counts
+
 # Every tensor-parallel size up to 8 (a power of two) divides a padded vocabulary, so a checkpoint
 # reshards across them.
 VOCAB_TP_MULTIPLE = 8
@@ -169,16 +171,14 @@ class DecoderConfig:
             model.output_layer.register_forward_hook(PaddedVocabularyMask(self.vocab_size, self.padded_vocab_size()))
         return model
 
+    def counts(self) -> ModelCounts:
+        """Parameter counts and FLOPs per token of the unsharded model (models/layers/counts.py)."""
+        return decoder_counts(self)
+
     def num_parameters(self) -> tuple[int, int]:
-        """(total, embedding) parameter counts of the unsharded model, for FLOP estimates."""
-        h, layers, ffn = self.hidden_size, self.num_layers, self.ffn_hidden_size
-        q = self.num_attention_heads * self.kv_channels
-        kv = 2 * self.query_groups * self.kv_channels
-        attention = h * (q + kv) + q * h
-        mlp = 3 * h * ffn if self.family_transformer_fields().get("gated_linear_unit", True) else 2 * h * ffn
-        embedding = self.padded_vocab_size() * h
-        output = 0 if self.tie_word_embeddings else embedding
-        return layers * (attention + mlp + 2 * h) + embedding + output + h, embedding + output
+        """(total, embedding) parameter counts of the unsharded model."""
+        counts = self.counts()
+        return counts.total, counts.embedding
 
 
 class PaddedVocabularyMask:

@@ -106,12 +106,3 @@ class MoEDecoderConfig(DecoderConfig):
                 f"model.num_experts={self.num_experts} is not divisible by model.router_num_groups={self.router_num_groups}"
             )
         return problems
-
-    def num_parameters(self) -> tuple[int, int]:
-        """Active parameters per token (top-k routed + shared experts), as FLOPs count them."""
-        total, embedding = super().num_parameters()
-        h, moe_layers = self.hidden_size, self.num_layers - self.first_k_dense
-        dense_mlp = 3 * h * self.ffn_hidden_size
-        active_mlp = 3 * h * ((self.moe_ffn_hidden_size or self.ffn_hidden_size) * self.router_topk
-                              + (self.shared_expert_ffn_hidden_size or 0)) + h * self.num_experts
-        return total + moe_layers * (active_mlp - dense_mlp), embedding
