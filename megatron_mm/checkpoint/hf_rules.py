@@ -216,12 +216,28 @@ def gated_mlp_rules(ours: str, hf: str, gate: str = "gate_proj", up: str = "up_p
             same(f"{ours}.linear_fc2.weight", f"{hf}.{down}.weight")]
 
 
-def dense_decoder_rules(cfg, qk_norm: bool) -> list[Rule]:
+def qkv_bias_rule(cfg, layer: int, ours: str = "decoder.layers", hf: str = "model.layers") -> Rule:
+    """Our fused q/k/v bias from HuggingFace's three (Qwen2's decoders)."""
+    o, h = f"{ours}.{layer}", f"{hf}.{layer}"
+    return fused_qkv(f"{o}.self_attention.linear_qkv.bias", f"{h}.self_attn.q_proj.bias", f"{h}.self_attn.k_proj.bias",
+                     f"{h}.self_attn.v_proj.bias", cfg.num_attention_heads, cfg.query_groups, cfg.kv_channels)
+
+
+def dense_decoder_rules(cfg, qk_norm: bool, qkv_bias: bool = False) -> list[Rule]:
+    """A Llama-layout decoder (Qwen2's adds q/k/v biases)."""
     rules = embedding_rules(cfg)
     for layer in range(cfg.num_layers):
         rules += attention_rules(cfg, layer, qk_norm)
+        if qkv_bias:
+            rules.append(qkv_bias_rule(cfg, layer))
         rules += gated_mlp_rules(f"decoder.layers.{layer}.mlp", f"model.layers.{layer}.mlp")
     return rules
+
+
+def prefixed(rules: list[Rule], ours: str = "", hf: str = "") -> list[Rule]:
+    """The rules of a sub-model: our names under `ours`, HuggingFace's under `hf` (prefixes with their dot)."""
+    return [Rule(f"{ours}{rule.ours}", tuple(f"{hf}{name}" for name in rule.hf), rule.to_ours, rule.to_hf)
+            for rule in rules]
 
 
 def moe_rules(cfg, ours: str, hf: str, router: str = "gate", experts: str = "experts",

@@ -74,4 +74,16 @@ def llama_or_qwen2_fields(text: dict, problems: list[str], default_type: str) ->
     return {}
 
 
+def llama_or_qwen2_text_config(cfg) -> dict:
+    """The HF text_config of a multimodal model's decoder, the inverse of llama_or_qwen2_fields:
+    Qwen2 when it has q/k/v biases, else Llama (tie_word_embeddings lives at the top level)."""
+    if cfg.qkv_bias:
+        text = hf_rules.decoder_fields_to_hf(cfg, "Qwen2ForCausalLM", "qwen2")
+        text.update(hidden_act="silu", use_sliding_window=False, rope_parameters=hf_rules.rope_parameters(cfg.rotary_base))
+    else:
+        text = LlamaConfig.to_hf_config(cfg)
+    del text["architectures"], text["tie_word_embeddings"]
+    return text
+
+
 CONFIG_CLASS = LlamaConfig
