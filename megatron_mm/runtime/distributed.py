@@ -45,6 +45,9 @@ def batch_p2p_comm_safe(backend: str, pipeline_size: int) -> bool:
     return not (backend == "gloo" and pipeline_size == 2)
 
 
+_model_parallel_sizes: dict = {}  # the sizes megatron-core's groups were last built with
+
+
 def init_distributed(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
@@ -67,23 +70,27 @@ def init_distributed(
     if not torch.distributed.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
         torch.distributed.init_process_group(
             backend=backend_name(),
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
+    sizes = dict(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+        context_parallel_size=context_parallel,
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
+    )
+    if parallel_state.model_parallel_is_initialized() and sizes != _model_parallel_sizes:
+        destroy_distributed(keep_process_group=True)  # another layout in the same process
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tensor_parallel,
-            pipeline_model_parallel_size=pipeline_parallel,
-            virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
-            context_parallel_size=context_parallel,
-            expert_model_parallel_size=expert_parallel,
-            expert_tensor_parallel_size=expert_tensor_parallel,
-            distributed_timeout_minutes=timeout_minutes,
-        )
+        parallel_state.initialize_model_parallel(**sizes, distributed_timeout_minutes=timeout_minutes)
+        _model_parallel_sizes.clear()
+        _model_parallel_sizes.update(sizes)
     return env
 
 
@@ -100,16 +107,26 @@ def set_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(keep_process_group: bool = False) -> None:
+    """Drop megatron-core's groups and the per-layer loss trackers it keeps across models; with
+    `keep_process_group` the torch.distributed world stays up, so that the same processes can
+    initialise another layout next."""
     from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if torch.distributed.is_initialized():
+    # Sized by the first model's layer count and added to on every step: a later model with more
+    # layers would index past them.
+    get_moe_layer_wise_logging_tracker().clear()
+    MTPLossLoggingHelper.tracker.clear()
+    if torch.distributed.is_initialized() and not keep_process_group:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a local rendezvous)."""
     import socket
 
     with socket.socket() as sock:

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CONFIG, _free_port
+from conftest import TINY_CONFIG
+from megatron_mm.runtime.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def pretrain_tp2(*overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "megatron_mm.pretrain", "--config", str(TINY_CONFIG), "parallel.tp=2", *overrides]
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)

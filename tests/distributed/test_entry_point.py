@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_CONFIG, _free_port
+from conftest import TINY_CONFIG
+from megatron_mm.runtime.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def pretrain(nproc: int, *args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            "-m", "megatron_mm.pretrain", *args]
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
@@ -42,7 +43,7 @@ def test_bad_config_one_line_once_under_torchrun(override, message):
 
 
 def launch_script(*args: str, **env: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port()), **env}
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), **env}
     return subprocess.run([str(ROOT / "launch" / "torchrun.sh"), *args], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=300)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, _free_port, read_losses, read_weights, torchrun
+from conftest import TINY_CONFIG, read_losses, read_weights, torchrun
+from megatron_mm.runtime.distributed import free_port
 from test_parallel_equivalence import RELATIVE_TOLERANCE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -151,7 +152,7 @@ def test_damaged_newest_checkpoint_falls_back(straight, init_checkpoint, tmp_pat
 def test_signal_to_the_launcher_stops_the_run_with_a_checkpoint(tmp_path, launcher, signum):
     """What Slurm preemption, scancel or --signal=USR1 do: the launcher is signalled and forwards it
     to its ranks (bare torchrun forwards SIGTERM; launch/torchrun.sh also SIGUSR1)."""
-    port = _free_port()
+    port = free_port()
     if launcher == "launch_script":
         cmd = [str(REPO / "launch" / "torchrun.sh"), str(TINY_CONFIG)]
     else:

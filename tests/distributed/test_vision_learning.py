@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HERE, _free_port, torchrun
+from conftest import HERE, torchrun
+from megatron_mm.runtime.distributed import free_port
 
 CONFIG = HERE.parents[1] / "examples" / "configs" / "tiny_qwen2_vl.yaml"
 STEPS = 800
@@ -24,7 +25,7 @@ HELD_OUT = 240
 def evaluate(checkpoint: Path, zero_images: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
            "-m", "megatron_mm.training.caption_eval", "--config", str(CONFIG), "--checkpoint", str(checkpoint),
            "--samples", str(HELD_OUT), *(["--zero-images"] if zero_images else [])]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=HERE.parents[1])
