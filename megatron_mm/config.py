@@ -16,11 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-from megatron_mm.errors import UserError
-
-
-class ConfigError(UserError):
-    """A configuration the run cannot start with; its message is one line for the user."""
+from megatron_mm.errors import ConfigError
 
 
 @dataclass
@@ -85,6 +81,23 @@ class TrainConfig:
     lr_mult: list[str] = field(default_factory=list)
     peak_tflops: float = 989.0  # per-GPU dense bf16 peak for the MFU estimate (H100 SXM)
     tensorboard: bool = True
+    task: str = "pretrain"  # the training objective (training/tasks/: batch keys, forward step, loss)
+
+
+def parse_lr_mults(entries: list[str]) -> list[tuple[str, float]]:
+    """train.lr_mult entries "pattern=multiplier" -> (pattern, multiplier); the patterns are matched
+    once the model exists (training/stages.py)."""
+    rules = []
+    for entry in entries:
+        pattern, sep, value = str(entry).rpartition("=")
+        try:
+            multiplier = float(value)
+        except ValueError:
+            multiplier = None
+        if not sep or not pattern or multiplier is None or multiplier <= 0:
+            raise ConfigError(f"train.lr_mult entry {entry!r} is not pattern=multiplier with a positive multiplier")
+        rules.append((pattern, multiplier))
+    return rules
 
 
 CHOICES = {

@@ -8,3 +8,7 @@ Its message is one line that names the file or key and what is wrong; entry poin
 
 class UserError(ValueError):
     """Bad input named in one line (see the module docstring)."""
+
+
+class ConfigError(UserError):
+    """A configuration the run cannot start with; its message is one line for the user."""

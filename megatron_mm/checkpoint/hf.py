@@ -25,7 +25,6 @@ from typing import Optional
 
 import torch
 
-from megatron_mm.checkpoint.hf_parity import parity_world_size
 from megatron_mm.checkpoint.hf_rules import HFConversionError, Rule, padded_rows
 from megatron_mm.checkpoint.streaming import (
     CheckpointReader,
@@ -35,6 +34,8 @@ from megatron_mm.checkpoint.streaming import (
     save_model_streaming,
 )
 from megatron_mm.models.layers.backend import LocalBackend, select_backend
+from megatron_mm.runtime.layout import smallest_world_size
+
 
 HF_SUBDIR = "hf"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
@@ -309,7 +310,7 @@ def _run_config(model_cfg, tp: int, pp: int, ep: int):
     parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, sequence_parallel=moe and tp > 1)
     data = DataConfig(tokenizer_type="huggingface", seq_length=min(4096, model_cfg.max_position_embeddings))
     cfg = Config(model=model_cfg, parallel=parallel, data=data)
-    world = parity_world_size(tp, pp, ep)
+    world = smallest_world_size(tp, pp, ep)
     check = dataclasses.replace(cfg, data=dataclasses.replace(data, mock=True),
                                 train=dataclasses.replace(cfg.train, global_batch_size=world // (tp * pp)))
     try:

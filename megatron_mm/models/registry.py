@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import importlib
 
+from megatron_mm.errors import ConfigError
+
 FAMILIES = {
     "llama3": "megatron_mm.models.llama",
     "mistral": "megatron_mm.models.mistral",
@@ -23,8 +25,6 @@ FAMILIES = {
 
 def family_module(name: str):
     if name not in FAMILIES:
-        from megatron_mm.config import ConfigError
-
         close = difflib.get_close_matches(str(name), FAMILIES, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown model.family '{name}'{hint} (supported: {', '.join(FAMILIES)})")

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_mm.config import Config, ConfigError
+from megatron_mm.config import Config, ConfigError, parse_lr_mults
 from megatron_mm.models.layers.decoder import VOCAB_TP_MULTIPLE
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     p = cfg.parallel
     return world_size // (p.tp * p.pp * p.cp)
+
+
+def smallest_world_size(tp: int, pp: int, ep: int) -> int:
+    """The smallest world that holds the layout: experts are split ep ways across data-parallel
+    ranks and, like the dense layers, tp ways within them."""
+    return pp * tp * ep
 
 
 def validate_layout(cfg: Config, world_size: int, have_te: bool) -> None:
@@ -76,8 +82,6 @@ def validate_layout(cfg: Config, world_size: int, have_te: bool) -> None:
     if t.lr_warmup_iters >= decay_iters:  # megatron-core's scheduler asserts it
         raise ConfigError(f"train.lr_warmup_iters={t.lr_warmup_iters} must be below the decay length "
                           f"{decay_iters} (train.lr_decay_iters, default train.train_iters)")
-    from megatron_mm.training.stages import parse_lr_mults
-
     parse_lr_mults(t.lr_mult)  # syntax now; the patterns are matched once the model exists
     if t.lr_decay_style == "WSD" and t.lr_wsd_decay_iters is None:
         raise ConfigError("train.lr_decay_style=WSD needs train.lr_wsd_decay_iters")

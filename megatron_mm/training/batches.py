@@ -8,6 +8,12 @@ a global batch, and the data position after a resume, depend only on the number 
 
 from __future__ import annotations
 
+import contextlib
+import math
+import queue
+import threading
+import weakref
+
 import torch
 
 from megatron_mm.config import Config
@@ -76,23 +82,201 @@ def _families_taking(modality: str) -> list[str]:
 
 
 class MicroBatches:
-    """Endless iterator over this data-parallel rank's micro-batches, from a sample offset on."""
+    """Endless iterator over this data-parallel rank's micro-batches, from a sample offset on.
 
-    def __init__(self, dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+    Read ahead on a background thread (`prefetch` micro-batches queued, in order), and with
+    tensor parallelism only on the group's first rank, which broadcasts each micro-batch to the
+    others as Megatron-LM's get_batch does. `next_sample` is the position of the next micro-batch
+    handed out (not of the read-ahead); setting it restarts reading there. The thread stops with
+    close(), or when the iterator is no longer referenced (end of training, an error).
+    """
+
+    def __init__(self, dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 prefetch: int = 2):
         self.dataset = dataset
-        self.next_sample = consumed_samples
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+        self.prefetch = prefetch
+        self._broadcast = TensorParallelBroadcast.of_megatron_groups()
+        self._next_sample = consumed_samples
+        self._reader: _ReadAhead | None = None  # started by the first next()
+
+    @property
+    def next_sample(self) -> int:
+        return self._next_sample
+
+    @next_sample.setter
+    def next_sample(self, position: int) -> None:
+        if position != self._next_sample:
+            self.close()  # what was read ahead belongs to the old position
+        self._next_sample = position
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        start = self.next_sample + self.dp_rank * self.micro_batch_size
-        samples = [self.dataset[(start + i) % len(self.dataset)] for i in range(self.micro_batch_size)]
-        self.next_sample += self.micro_batch_size * self.dp_size
-        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in BATCH_KEYS}
-        for key in samples[0].keys() - batch.keys():
-            batch[key] = torch.cat([torch.as_tensor(s[key]) for s in samples])
+        if self._broadcast is None:
+            batch = self._read_next()
+        else:
+            batch = error = None
+            if self._broadcast.is_source:
+                try:
+                    batch = self._read_next()
+                except Exception as err:  # bad data: every rank of the group raises it, none waits
+                    error = err
+            batch = self._broadcast(batch, error)
+        self._next_sample += self.micro_batch_size * self.dp_size
         return batch
+
+    def _read_next(self) -> dict:
+        if self.prefetch <= 0:
+            return collate_micro_batch(self.dataset, self._next_sample + self.dp_rank * self.micro_batch_size,
+                                       self.micro_batch_size)
+        if self._reader is None:
+            self._reader = _ReadAhead(self.dataset, self._next_sample + self.dp_rank * self.micro_batch_size,
+                                      self.micro_batch_size, self.micro_batch_size * self.dp_size, self.prefetch)
+        return self._reader.next()
+
+    def close(self) -> None:
+        """Stops the read-ahead thread; a later next() starts a new one at next_sample."""
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader = None
+
+    def chunk_iterators(self, num_chunks: int) -> list:
+        """One iterator per virtual-pipeline model chunk over the same micro-batches: each is read
+        once and replayed to every chunk, in whatever order the schedule asks for them."""
+        if num_chunks == 1:
+            return [self]
+        replay = _Replay(self, num_chunks)
+        return [replay.iterator(chunk) for chunk in range(num_chunks)]
+
+
+def collate_micro_batch(dataset, start: int, micro_batch_size: int) -> dict:
+    """Samples [start, start + micro_batch_size) (wrapping around the dataset): BATCH_KEYS stacked,
+    media concatenated over their leading item dimension."""
+    samples = [dataset[(start + i) % len(dataset)] for i in range(micro_batch_size)]
+    batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in BATCH_KEYS}
+    for key in samples[0].keys() - batch.keys():
+        batch[key] = torch.cat([torch.as_tensor(s[key]) for s in samples])
+    return batch
+
+
+class _ReadAhead:
+    """A thread collating micro-batches at start, start + stride, ... into a bounded queue. It
+    holds no reference to its MicroBatches, so dropping that stops it (weakref finalizer)."""
+
+    def __init__(self, dataset, start: int, micro_batch_size: int, stride: int, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        stop = threading.Event()
+        thread = threading.Thread(target=_read_ahead, args=(stop, self._queue, dataset, start, micro_batch_size, stride),
+                                  name="micro-batch-read-ahead", daemon=True)
+        thread.start()
+        self._finalizer = weakref.finalize(self, _stop_thread, stop, self._queue, thread)
+
+    def next(self) -> dict:
+        batch, error = self._queue.get()
+        if error is not None:
+            self.stop()
+            raise error
+        return batch
+
+    def stop(self) -> None:
+        self._finalizer()
+
+
+def _read_ahead(stop: threading.Event, ready: queue.Queue, dataset, start: int, micro_batch_size: int,
+                stride: int) -> None:
+    position = start
+    while not stop.is_set():
+        try:
+            item = (collate_micro_batch(dataset, position, micro_batch_size), None)
+        except Exception as err:  # handed to the training thread, which raises it
+            item = (None, err)
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        if item[1] is not None:
+            return
+        position += stride
+
+
+def _stop_thread(stop: threading.Event, pending: queue.Queue, thread: threading.Thread) -> None:
+    stop.set()
+    with contextlib.suppress(queue.Empty):
+        while True:  # unblocks a put waiting for room
+            pending.get_nowait()
+    if thread is not threading.current_thread():
+        thread.join()
+
+
+class _Replay:
+    """Micro-batches read once from `source` and handed to each of `num_chunks` iterators in
+    order; one is dropped when every chunk has taken it."""
+
+    def __init__(self, source, num_chunks: int):
+        self.source = source
+        self.num_chunks = num_chunks
+        self.read = 0  # micro-batches taken from source
+        self.held: dict[int, list] = {}  # index -> [batch, chunks still to take it]
+
+    def iterator(self, chunk: int):
+        index = 0
+        while True:
+            if index == self.read:
+                self.held[index] = [next(self.source), self.num_chunks]
+                self.read += 1
+            entry = self.held[index]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.held[index]
+            yield entry[0]
+            index += 1
+
+
+class TensorParallelBroadcast:
+    """Hands the micro-batch read on the tensor-parallel group's source rank to the other ranks of
+    the group: the keys, shapes and dtypes first (media shapes vary per batch), then one flat
+    buffer per dtype. The result is on the device the group's collectives use."""
+
+    def __init__(self, group, source_rank: int, is_source: bool):
+        self.group, self.source_rank, self.is_source = group, source_rank, is_source
+        self.device = torch.device(torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    @classmethod
+    def of_megatron_groups(cls) -> "TensorParallelBroadcast | None":
+        """Over megatron-core's tensor-parallel group; None without one of two or more ranks."""
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_world_size() == 1:
+            return None
+        return cls(ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank(),
+                   ps.get_tensor_model_parallel_rank() == 0)
+
+    def __call__(self, batch: dict | None, error: Exception | None = None) -> dict:
+        """The source's batch (or the error its read raised, raised on every rank)."""
+        layout = [None]
+        if self.is_source:
+            layout = [error or [(key, tuple(value.shape), value.dtype) for key, value in batch.items()]]
+        torch.distributed.broadcast_object_list(layout, src=self.source_rank, group=self.group,
+                                                device=self.device)
+        layout = layout[0]
+        if isinstance(layout, Exception):
+            raise layout
+        received = {}
+        for dtype in dict.fromkeys(dtype for _, _, dtype in layout):
+            entries = [(key, shape) for key, shape, entry_dtype in layout if entry_dtype == dtype]
+            wire_dtype = torch.uint8 if dtype == torch.bool else dtype  # gloo has no bool
+            if self.is_source:
+                flat = torch.cat([batch[key].reshape(-1) for key, _ in entries]).to(self.device, wire_dtype)
+            else:
+                flat = torch.empty(sum(math.prod(shape) for _, shape in entries), dtype=wire_dtype,
+                                   device=self.device)
+            torch.distributed.broadcast(flat, src=self.source_rank, group=self.group)
+            pieces = flat.to(dtype).split([math.prod(shape) for _, shape in entries])
+            received.update({key: piece.view(shape) for (key, shape), piece in zip(entries, pieces)})
+        return {key: received[key] for key, _, _ in layout}

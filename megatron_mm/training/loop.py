@@ -275,12 +275,8 @@ def _mean_loss(reports: list) -> float | None:
 def run_schedule(trainer: Trainer, batches: MicroBatches, forward_only: bool):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    # Each virtual stage reads the same micro-batch sequence through its own iterator.
-    iterators = [batches] if len(trainer.model) == 1 else [
-        MicroBatches(batches.dataset, batches.next_sample, batches.micro_batch_size, batches.dp_rank,
-                     batches.dp_size)
-        for _ in trainer.model
-    ]
+    # Each virtual stage takes the same micro-batches (read once) through its own iterator.
+    iterators = batches.chunk_iterators(len(trainer.model))
     t = trainer.cfg.train
     reports = get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -291,8 +287,6 @@ def run_schedule(trainer: Trainer, batches: MicroBatches, forward_only: bool):
         micro_batch_size=t.micro_batch_size,
         forward_only=forward_only,
     )
-    if len(iterators) > 1:
-        batches.next_sample = iterators[0].next_sample
     return _mean_loss(reports)
 
 
@@ -319,6 +313,7 @@ def evaluate(trainer: Trainer) -> float | None:
         if stopped:
             break
         losses.append(run_schedule(trainer, batches, forward_only=True))
+    batches.close()
     for chunk in trainer.model:
         chunk.train()
     if stopped or losses[0] is None:  # no partial validation loss; None off the last pipeline stage
