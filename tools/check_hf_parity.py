@@ -42,17 +42,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_mm.checkpoint.hf import import_hf
-    from megatron_mm.checkpoint.hf_parity import parity_world_size
     from megatron_mm.checkpoint.streaming import SafetensorsReader
     from megatron_mm.errors import UserError
+    from megatron_mm.runtime.layout import smallest_world_size
 
     try:
         SafetensorsReader(args.hf_dir)  # damaged weights: one line here, not a traceback from transformers
         if args.checkpoint is None:
             with tempfile.TemporaryDirectory(prefix="hf_parity_") as tmp:
                 checkpoint = import_hf(args.hf_dir, Path(tmp) / "checkpoint", args.tp, args.pp, args.ep)
-                return _compare(args, checkpoint, parity_world_size(args.tp, args.pp, args.ep))
-        return _compare(args, Path(args.checkpoint), parity_world_size(args.tp, args.pp, args.ep))
+                return _compare(args, checkpoint, smallest_world_size(args.tp, args.pp, args.ep))
+        return _compare(args, Path(args.checkpoint), smallest_world_size(args.tp, args.pp, args.ep))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

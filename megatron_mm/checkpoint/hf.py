@@ -36,7 +36,6 @@ from megatron_mm.checkpoint.streaming import (
 from megatron_mm.models.layers.backend import LocalBackend, select_backend
 from megatron_mm.runtime.layout import smallest_world_size
 
-
 HF_SUBDIR = "hf"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

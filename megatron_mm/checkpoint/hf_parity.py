@@ -8,11 +8,11 @@ from typing import Optional
 
 import torch
 
-
-def parity_world_size(tp: int, pp: int, ep: int) -> int:
-    """The smallest world that holds the layout: experts are split ep ways across data-parallel
-    ranks and, like the dense layers, tp ways within them."""
-    return pp * tp * ep
+from megatron_mm.config import load_config
+from megatron_mm.models.layers.backend import select_backend
+from megatron_mm.runtime import destroy_distributed, init_distributed, set_seed, validate_layout
+from megatron_mm.runtime.layout import smallest_world_size
+from megatron_mm.training.setup import build_from_checkpoint
 
 
 def hf_model(hf_dir: str | Path):
@@ -45,7 +45,7 @@ def our_logits(checkpoint: str | Path, tokens: torch.Tensor, tp: int = 1, pp: in
     """Our model's fp32 logits for `tokens` [batch, seq], unpadded vocabulary, on every rank.
     A multimodal model also takes its `media` tensors and, for M-RoPE, `position_ids` [3, batch, seq].
 
-    Collective: every rank of a world of `parity_world_size(tp, pp, ep)` calls it (a plain process
+    Collective: every rank of a world of `smallest_world_size(tp, pp, ep)` calls it (a plain process
     is a world of one). Starts and ends megatron-core's parallel state itself.
     """
     from megatron.core import parallel_state as ps
@@ -53,23 +53,10 @@ def our_logits(checkpoint: str | Path, tokens: torch.Tensor, tp: int = 1, pp: in
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
     from megatron.core.utils import unwrap_model
 
-    from megatron_mm.checkpoint.dist_ckpt import load_checkpoint
-    from megatron_mm.config import load_config
-    from megatron_mm.runtime import (
-        backend_name,
-        batch_p2p_comm_safe,
-        destroy_distributed,
-        init_distributed,
-        set_seed,
-        transformer_engine_available,
-        validate_layout,
-    )
-    from megatron_mm.training.loop import build_model
-
     checkpoint = Path(checkpoint)
     batch, seq = tokens.shape
     moe = tp > 1 and hasattr(load_config(checkpoint / "config.yaml").model, "num_experts")
-    world = parity_world_size(tp, pp, ep)
+    world = smallest_world_size(tp, pp, ep)
     cfg = load_config(checkpoint / "config.yaml", [
         f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}", "parallel.vpp=null",
         f"parallel.sequence_parallel={str(moe).lower()}", "parallel.distributed_optimizer=false",
@@ -77,15 +64,12 @@ def our_logits(checkpoint: str | Path, tokens: torch.Tensor, tp: int = 1, pp: in
         f"train.micro_batch_size={batch}", f"train.global_batch_size={batch * world // (tp * pp)}",
         "train.init_from=null", "train.resume=none",
     ])
-    use_te = transformer_engine_available()
-    validate_layout(cfg, world, use_te)
+    backend = select_backend(cfg.model.backend)
+    validate_layout(cfg, world, backend.uses_te)
     init_distributed(tp, pp, None, 1, ep)
     try:
         set_seed(cfg.train.seed)
-        tconfig = cfg.model.transformer_config(cfg.parallel, cfg.train, use_te,
-                                               batch_p2p_comm=batch_p2p_comm_safe(backend_name(), pp))
-        model = build_model(cfg, tconfig, use_te)
-        load_checkpoint(checkpoint, model)
+        model = build_from_checkpoint(cfg, backend, checkpoint, train=False).chunks
         for chunk in model:
             chunk.eval()
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"

@@ -18,8 +18,13 @@ import json
 
 import torch
 
+from megatron_mm.config import load_config
 from megatron_mm.data import synthetic_mm
 from megatron_mm.data.mock_image_caption import PROMPT, MockImageCaptionDataset, caption_vocabulary
+from megatron_mm.runtime import LaunchEnv, destroy_distributed
+from megatron_mm.training.batches import MicroBatches
+from megatron_mm.training.setup import build_from_checkpoint, check_config, init_parallel
+from megatron_mm.training.tasks.base import model_forward
 
 VALID_SPLIT = 1  # the samples the training run's validation reads, never its training ones
 
@@ -27,9 +32,6 @@ VALID_SPLIT = 1  # the samples the training run's validation reads, never its tr
 @torch.no_grad()
 def caption_accuracy(model, cfg, num_samples: int, zero_images: bool = False, batch_size: int = 8) -> dict:
     """Colour and shape accuracy of `model` (one unwrapped or wrapped chunk holding the whole model)."""
-    from megatron_mm.training.batches import MicroBatches
-    from megatron_mm.training.loop import model_forward
-
     dataset = MockImageCaptionDataset(cfg, num_samples, VALID_SPLIT, zero_images=zero_images)
     ids = caption_vocabulary()
     colours = torch.tensor([ids[c] for c in sorted(synthetic_mm.COLOURS)])
@@ -55,11 +57,6 @@ def caption_accuracy(model, cfg, num_samples: int, zero_images: bool = False, ba
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_mm.checkpoint.dist_ckpt import load_checkpoint
-    from megatron_mm.config import load_config
-    from megatron_mm.runtime import destroy_distributed
-    from megatron_mm.training import loop as pretrain
-
     parser = argparse.ArgumentParser(prog="python -m megatron_mm.training.caption_eval", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory (iter_NNNNNNN)")
@@ -68,11 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, [*args.overrides, "data.mock=true", "train.resume=none"])
-    trainer = pretrain.setup(cfg)
-    if torch.distributed.get_world_size() != 1:
+    world_size = LaunchEnv.from_environ().world_size
+    if world_size != 1:
         raise SystemExit("caption_eval runs on one rank")
-    load_checkpoint(args.checkpoint, trainer.model)
-    result = caption_accuracy(trainer.model[0], cfg, args.samples, zero_images=args.zero_images)
+    _, backend = check_config(cfg, world_size)
+    init_parallel(cfg)
+    (model,) = build_from_checkpoint(cfg, backend, args.checkpoint, train=False).chunks
+    result = caption_accuracy(model, cfg, args.samples, zero_images=args.zero_images)
     print(json.dumps(result), flush=True)
     destroy_distributed()
     return 0

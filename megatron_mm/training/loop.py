@@ -1,15 +1,16 @@
-"""The pretraining loop: one file, readable top to bottom.
+"""The training loop: one file, readable top to bottom.
 
     torchrun --nproc_per_node N -m megatron_mm.pretrain --config FILE.yaml [section.key=value ...]
 
 megatron-core does the parallel work (TP/SP/PP/VPP/CP/EP, DDP, distributed optimizer, schedules,
-dist_checkpointing); this file wires it together with our config, data and model zoo.
+dist_checkpointing); the task (`train.task`, training/tasks/) supplies the forward step and the
+loss; training/setup.py builds the model. Losses stay on the device and are reduced over the
+data-parallel group once per log interval (and once per evaluation).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,24 +19,24 @@ from typing import Optional
 
 import torch
 
-from megatron_mm.checkpoint.dist_ckpt import (
-    TrainState,
-    find_latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from megatron_mm.config import Config, ConfigError, load_config
-from megatron_mm.data.tokenizer import build_tokenizer
+from megatron_mm.checkpoint.dist_ckpt import TrainState, find_latest_checkpoint, save_checkpoint
+from megatron_mm.config import Config, load_config
 from megatron_mm.errors import UserError
 from megatron_mm.moe.balancing import ExpertBalancing
-from megatron_mm.runtime import LaunchEnv, transformer_engine_available, validate_layout
+from megatron_mm.runtime import LaunchEnv
 from megatron_mm.runtime.layout import data_parallel_size
-from megatron_mm.training.batches import BATCH_KEYS, MicroBatches, build_datasets
-from megatron_mm.training.lr_schedule import build_scheduler, schedule_in_force
+from megatron_mm.training.batches import MicroBatches, build_datasets
+from megatron_mm.training.lr_schedule import schedule_in_force
 from megatron_mm.training.resume import describe_resume
 from megatron_mm.training.metrics import TrainingLogger, cuda_peak_tflops
-from megatron_mm.training.stages import apply_stage, lr_overrides
+from megatron_mm.training.setup import build_from_checkpoint, build_model, check_config, init_parallel, run_layout
 from megatron_mm.training.stop_signals import StopSignals
+from megatron_mm.training.tasks import build_task
+from megatron_mm.training.tasks.base import LOSS_REPORT, Task, model_forward
+
+# Also the loop's names for the drivers and tools that run parts of it.
+__all__ = ["Trainer", "build_model", "check_config", "evaluate", "main", "model_forward", "save", "setup", "train",
+           "train_step"]
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Trainer:
     dp_rank: int
     dp_size: int
     expert_balancing: ExpertBalancing
+    task: Task
     stop_signals: StopSignals = field(default_factory=StopSignals)  # installed while train() runs
     iteration: int = 0
     saved_iteration: Optional[int] = None  # the iteration of the checkpoint this run last wrote or resumed
@@ -63,154 +65,53 @@ class Trainer:
 
     @property
     def layout(self) -> dict:
-        p = self.cfg.parallel
-        return {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "dp": self.dp_size, "ep": p.ep, "cp": p.cp}
+        return run_layout(self.cfg, self.dp_size)
 
 
 # ---------------------------------------------------------------------------------------------
 # set-up
 # ---------------------------------------------------------------------------------------------
-def check_config(cfg: Config, world_size: int):
-    """The checks that need no process group (layout, tokenizer, vocabulary): every rank finds the
-    same problem. Returns (tokenizer or None for mock data, whether Transformer Engine is used)."""
-    use_te = transformer_engine_available()
-    validate_layout(cfg, world_size, use_te)
-    tokenizer = None if cfg.data.mock else build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-    _resolve_vocab_size(cfg, tokenizer)
-    validate_layout(cfg, world_size, use_te)  # again, now that the vocabulary size is known
-    return tokenizer, use_te
-
-
 def setup(cfg: Config) -> Trainer:
     from megatron.core import parallel_state as ps
-    from megatron_mm.runtime import backend_name, batch_p2p_comm_safe, init_distributed, set_seed
 
-    tokenizer, use_te = check_config(cfg, LaunchEnv.from_environ().world_size)
-    p = cfg.parallel
-    init_distributed(p.tp, p.pp, p.vpp, p.cp, p.ep)
-    set_seed(cfg.train.seed)
-    tconfig = cfg.model.transformer_config(
-        p, cfg.train, use_te=use_te, batch_p2p_comm=batch_p2p_comm_safe(backend_name(), p.pp)
-    )
-    model = build_model(cfg, tconfig, use_te)
-    optimizer, scheduler = build_optimizer(cfg, tconfig, model)
+    tokenizer, backend = check_config(cfg, LaunchEnv.from_environ().world_size)
+    init_parallel(cfg)
+    t = cfg.train
+    resume_from = _resume_checkpoint(t)
+    built = build_from_checkpoint(cfg, backend, resume_from or t.init_from, train=True,
+                                  resume=resume_from is not None)
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    t = cfg.train
     valid_samples = t.eval_iters * t.global_batch_size if t.eval_interval else 0
     train_ds, valid_ds, _ = build_datasets(cfg, tokenizer, (t.train_iters * t.global_batch_size, valid_samples, 0))
     fused_bias_update = getattr(cfg.model, "expert_bias_update", None) == "fused_kernel"  # MoE families only
-    balancing = ExpertBalancing(model, tconfig, fused_update=fused_bias_update)
-    trainer = Trainer(cfg, model, optimizer, scheduler, tconfig, train_ds, valid_ds, dp_rank, dp_size, balancing)
-    _load_initial_state(trainer)
+    balancing = ExpertBalancing(built.chunks, built.transformer_config, fused_update=fused_bias_update)
+    trainer = Trainer(cfg, built.chunks, built.optimizer, built.scheduler, built.transformer_config, train_ds,
+                      valid_ds, dp_rank, dp_size, balancing, build_task(t.task))
+    if built.resumed is not None:
+        _report_resume(trainer, resume_from, built.resumed)
+    elif t.init_from:
+        _print_rank0(f"initialised weights from {t.init_from}")
     _wire_schedule_hooks(trainer)
     return trainer
 
 
-def _resolve_vocab_size(cfg: Config, tokenizer) -> None:
-    if tokenizer is None:
-        if cfg.model.vocab_size is None:
-            raise ConfigError("model.vocab_size is required with data.mock=true")
-        return
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = tokenizer.vocab_size
-    elif cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
-        )
-
-
-def build_model(cfg: Config, tconfig, use_te: bool) -> list:
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.transformer.module import Float16Module
-
-    chunks = []
-    for vp_stage in range(cfg.parallel.vpp or 1):
-        stage = vp_stage if cfg.parallel.vpp else None
-        chunk = cfg.model.build(
-            tconfig,
-            use_te,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            vp_stage=stage,
-        )
-        for param in chunk.parameters():
-            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
-        if torch.cuda.is_available():
-            chunk.cuda(torch.cuda.current_device())
-        chunks.append(chunk)
-    apply_stage(chunks, cfg.train.freeze, cfg.train.lr_mult)  # names of the unwrapped model
-    if tconfig.bf16:
-        chunks = [Float16Module(tconfig, chunk) for chunk in chunks]
-
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-        overlap_param_gather=cfg.parallel.overlap_param_gather,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-    )
-    wrapped = [
-        DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
-        for i, chunk in enumerate(chunks)
-    ]
-    for chunk in wrapped:
-        chunk.broadcast_params()  # data-parallel replicas start identical
-    return wrapped
-
-
-def build_optimizer(cfg: Config, tconfig, model):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    t = cfg.train
-    optimizer_config = OptimizerConfig(
-        optimizer="adam",
-        lr=t.lr,
-        min_lr=t.min_lr,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_eps=t.adam_eps,
-        clip_grad=t.clip_grad,
-        bf16=tconfig.bf16,
-        params_dtype=tconfig.params_dtype,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-    )
-    optimizer = get_megatron_optimizer(optimizer_config, model,
-                                       config_overrides=lr_overrides(t.lr_mult, optimizer_config))
-    return optimizer, build_scheduler(t, optimizer)
-
-
-def _load_initial_state(trainer: Trainer) -> None:
-    """Resume (model + optimizer + scheduler + data position), or start from weights only."""
-    t = trainer.cfg.train
-    resume_from = None
+def _resume_checkpoint(t) -> Optional[str | Path]:
     if t.resume == "auto":
-        resume_from = find_latest_checkpoint(t.output_dir, warn=_print_rank0)
-    elif t.resume != "none":
-        resume_from = t.resume
-    if resume_from is not None:
-        # The optimizer's param groups carry their peak and minimum lr: a checkpoint's would win.
-        configured = [(group["max_lr"], group["min_lr"]) for group in trainer.optimizer.param_groups]
-        state = load_checkpoint(resume_from, trainer.model, trainer.optimizer, trainer.scheduler, trainer.layout)
-        if t.resume_schedule == "config":  # (the load replaced the group dicts)
-            for group, (max_lr, min_lr) in zip(trainer.optimizer.param_groups, configured):
-                group["max_lr"], group["min_lr"] = max_lr, min_lr
-            trainer.scheduler.step(increment=0)  # the rates of the resumed step, from those bounds
-        trainer.iteration = trainer.saved_iteration = state.iteration
-        schedule = schedule_in_force(trainer.scheduler)
-        for line in describe_resume(resume_from, state.iteration, trainer.cfg, schedule):
-            _print_rank0(line)
-        if t.resume_schedule == "checkpoint":  # so that the configs this run saves tell the truth
-            for key, value in schedule.items():
-                setattr(t, key, value)
-    elif t.init_from:
-        load_checkpoint(t.init_from, trainer.model)
-        # Mixed precision: the optimizer's fp32 main params were copied from the random init; without
-        # this the first step would overwrite the loaded weights with them.
-        trainer.optimizer.reload_model_params()
-        _print_rank0(f"initialised weights from {t.init_from}")
+        return find_latest_checkpoint(t.output_dir, warn=_print_rank0)
+    return None if t.resume == "none" else t.resume
+
+
+def _report_resume(trainer: Trainer, checkpoint: str | Path, state: TrainState) -> None:
+    """The resumed position and schedule (model, optimizer, scheduler and data position continue)."""
+    t = trainer.cfg.train
+    trainer.iteration = trainer.saved_iteration = state.iteration
+    schedule = schedule_in_force(trainer.scheduler)
+    for line in describe_resume(checkpoint, state.iteration, trainer.cfg, schedule):
+        _print_rank0(line)
+    if t.resume_schedule == "checkpoint":  # so that the configs this run saves tell the truth
+        for key, value in schedule.items():
+            setattr(t, key, value)
 
 
 def _wire_schedule_hooks(trainer: Trainer) -> None:
@@ -234,42 +135,21 @@ def _wire_schedule_hooks(trainer: Trainer) -> None:
 # ---------------------------------------------------------------------------------------------
 # one step
 # ---------------------------------------------------------------------------------------------
-def forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-    return model_forward(model, batch, with_labels=True), functools.partial(loss_func, batch["loss_mask"])
+def _loss_report(reports: list) -> Optional[torch.Tensor]:
+    """This rank's [loss sum, count] of each micro-batch [micro-batches, 2], left on the device;
+    None on ranks that hold no loss (not the last pipeline stage)."""
+    return torch.stack([r[LOSS_REPORT] for r in reports]) if reports else None
 
 
-def model_forward(model, batch: dict, with_labels: bool):
-    """Per-token losses [B, S] (with labels) or logits [B, S, V], aligned with batch["tokens"].
-    Keys beyond BATCH_KEYS are media for a multimodal model."""
-    position_ids = batch["position_ids"]
-    if position_ids.dim() == 3:  # M-RoPE: [B, 3, S] -> [3, B, S]
-        position_ids = position_ids.transpose(0, 1).contiguous()
-    media = {key: value for key, value in batch.items() if key not in BATCH_KEYS}
-    labels = batch["labels"] if with_labels else None
-    return model(batch["tokens"], position_ids, None, labels=labels, **media)
-
-
-def loss_func(loss_mask, per_token_loss):
-    """Sum of token losses and the token count: megatron-core divides by the global count."""
+def reduced_losses(step_reports: list[torch.Tensor]) -> list[float]:
+    """The count-weighted mean loss of each step over the data-parallel group: one all-reduce and
+    one host sync for all the steps given."""
     from megatron.core import parallel_state as ps
 
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = torch.sum(per_token_loss.float().reshape(-1) * mask)
-    num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach().clone(), mask.sum()])
-    torch.distributed.all_reduce(report, group=ps.get_data_parallel_group(with_context_parallel=True))
-    return loss_sum, num_tokens, {"lm loss": report}
-
-
-def _mean_loss(reports: list) -> float | None:
-    """Token-weighted mean over micro-batches; None on ranks that hold no loss (not last stage)."""
-    if not reports:
-        return None
-    total = torch.stack([r["lm loss"] for r in reports]).sum(dim=0)
-    return (total[0] / total[1].clamp(min=1)).item()
+    stacked = torch.stack(step_reports)  # [steps, micro-batches, 2]
+    torch.distributed.all_reduce(stacked, group=ps.get_data_parallel_group(with_context_parallel=True))
+    totals = [step.sum(dim=0) for step in stacked]
+    return torch.stack([total[0] / total[1].clamp(min=1) for total in totals]).tolist()
 
 
 def run_schedule(trainer: Trainer, batches: MicroBatches, forward_only: bool):
@@ -279,7 +159,7 @@ def run_schedule(trainer: Trainer, batches: MicroBatches, forward_only: bool):
     iterators = batches.chunk_iterators(len(trainer.model))
     t = trainer.cfg.train
     reports = get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=trainer.task.forward_step,
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=trainer.model,
         num_microbatches=trainer.num_microbatches,
@@ -287,18 +167,24 @@ def run_schedule(trainer: Trainer, batches: MicroBatches, forward_only: bool):
         micro_batch_size=t.micro_batch_size,
         forward_only=forward_only,
     )
-    return _mean_loss(reports)
+    return _loss_report(reports)
 
 
-def train_step(trainer: Trainer, batches: MicroBatches):
+def train_step(trainer: Trainer, batches: MicroBatches, window: Optional[list] = None):
+    """One optimizer step; returns (loss, grad_norm), the loss None off the last pipeline stage.
+    Given the loop's `window` of unreduced loss reports, the step appends its own there and returns
+    no loss (the loop reduces the window at once); otherwise the loss is this step's, reduced now."""
     for chunk in trainer.model:
         chunk.zero_grad_buffer()
     trainer.optimizer.zero_grad()
-    loss = run_schedule(trainer, batches, forward_only=False)
+    report = run_schedule(trainer, batches, forward_only=False)
     update_ok, grad_norm, _ = trainer.optimizer.step()
     if update_ok:
         trainer.scheduler.step(increment=1)
-    return loss, grad_norm
+    if window is not None:
+        window.append(report)
+        return None, grad_norm
+    return (None if report is None else reduced_losses([report])[0]), grad_norm
 
 
 @torch.no_grad()
@@ -307,17 +193,18 @@ def evaluate(trainer: Trainer) -> float | None:
         chunk.eval()
     batches = MicroBatches(trainer.valid_data, 0, trainer.cfg.train.micro_batch_size, trainer.dp_rank,
                            trainer.dp_size)
-    losses, stopped = [], False
+    reports, stopped = [], False
     for _ in range(trainer.cfg.train.eval_iters):
         stopped = trainer.stop_signals.requested() is not None  # the loop stops right after
         if stopped:
             break
-        losses.append(run_schedule(trainer, batches, forward_only=True))
+        reports.append(run_schedule(trainer, batches, forward_only=True))
     batches.close()
     for chunk in trainer.model:
         chunk.train()
-    if stopped or losses[0] is None:  # no partial validation loss; None off the last pipeline stage
+    if stopped or reports[0] is None:  # no partial validation loss; None off the last pipeline stage
         return None
+    losses = reduced_losses(reports)
     return sum(losses) / len(losses)
 
 
@@ -345,6 +232,7 @@ def train(trainer: Trainer) -> dict:
         next_exit = (trainer.iteration // t.exit_interval + 1) * t.exit_interval
         stop_at = min(stop_at, next_exit)
     losses = {}
+    window = StepWindow()
     for model_chunk in trainer.model:
         model_chunk.train()
     trainer.stop_signals.install()
@@ -354,24 +242,24 @@ def train(trainer: Trainer) -> dict:
         if stopped_by:
             break
         lr = base_lr(trainer.optimizer)  # the rate this step applies
-        loss, grad_norm = train_step(trainer, batches)
+        _, grad_norm = train_step(trainer, batches, window.reports)
         trainer.iteration += 1
-        losses[trainer.iteration] = loss
-        logger.train_step(
-            trainer.iteration, loss, lr, grad_norm,
-            tokens=t.global_batch_size * cfg.data.seq_length,
-            expert_load=trainer.expert_balancing.latest(),
-            log_now=trainer.iteration % t.log_interval == 0 or trainer.iteration == stop_at,
-            total_iters=t.train_iters,
-        )
-        if t.eval_interval and trainer.iteration % t.eval_interval == 0:
+        window.steps.append((trainer.iteration, lr, grad_norm))
+        log_now = trainer.iteration % t.log_interval == 0 or trainer.iteration == stop_at
+        evaluate_now = bool(t.eval_interval) and trainer.iteration % t.eval_interval == 0
+        save_now = (t.save and t.save_interval and trainer.iteration % t.save_interval == 0
+                    and trainer.iteration != stop_at)
+        if log_now or evaluate_now or save_now:  # (those restart the logger's throughput window)
+            _log_window(trainer, logger, window, losses, log_now)
+        if evaluate_now:
             valid_loss = evaluate(trainer)
             if valid_loss is not None:
                 logger.validation(trainer.iteration, valid_loss)
             logger.restart_window()
-        if t.save and t.save_interval and trainer.iteration % t.save_interval == 0 and trainer.iteration != stop_at:
+        if save_now:
             save(trainer)
             logger.restart_window()
+    _log_window(trainer, logger, window, losses, log_now=False)  # the steps before a stop signal
     checkpoint = None
     if t.save and trainer.iteration != trainer.saved_iteration:
         checkpoint = save(trainer, announce=stopped_by is None)
@@ -386,6 +274,36 @@ def train(trainer: Trainer) -> dict:
             print(f"TensorBoard logs: {logger.tensorboard_dir}", flush=True)
         print(f"loss curve: {logger.loss_png}", flush=True)
     return losses
+
+
+@dataclass
+class StepWindow:
+    """The steps since the losses were last reduced: their unreduced loss reports, and
+    (iteration, lr, grad norm) of each."""
+
+    reports: list = field(default_factory=list)
+    steps: list = field(default_factory=list)
+
+
+def _log_window(trainer: Trainer, logger: TrainingLogger, window: StepWindow, losses: dict, log_now: bool) -> None:
+    """Reduces the window's losses at once, records them in `losses` and hands each step to the
+    logger (which prints the last when `log_now`)."""
+    if not window.steps:
+        return
+    t = trainer.cfg.train
+    values = reduced_losses(window.reports) if window.reports[0] is not None else [None] * len(window.steps)
+    for (iteration, lr, grad_norm), loss in zip(window.steps, values):
+        losses[iteration] = loss
+        last = iteration == window.steps[-1][0]
+        logger.train_step(
+            iteration, loss, lr, grad_norm,
+            tokens=t.global_batch_size * trainer.cfg.data.seq_length,
+            expert_load=trainer.expert_balancing.latest() if last and log_now else None,
+            log_now=last and log_now,
+            total_iters=t.train_iters,
+        )
+    window.reports.clear()
+    window.steps.clear()
 
 
 def base_lr(optimizer) -> float:
