@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from megatron_mm.checkpoint import hf_rules
 from megatron_mm.models.layers import counts
 from megatron_mm.models.layers.decoder import DecoderConfig
+from megatron_mm.models.layers.gemma3_modules import EmbeddingScale, gemma3_block_spec
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -72,15 +73,11 @@ class Gemma3Config(DecoderConfig):
     def family_model_kwargs(self) -> dict:
         return {"seq_len_interpolation_factor": self.rope_scaling_factor}
 
-    def layer_spec(self, transformer_config, use_te: bool, vp_stage=None):
-        from megatron_mm.models.layers.gemma3_modules import gemma3_block_spec
+    def layer_spec(self, transformer_config, backend, vp_stage=None):
+        return gemma3_block_spec(transformer_config, backend, self.local_rotary_base, vp_stage)
 
-        return gemma3_block_spec(transformer_config, use_te, self.local_rotary_base, vp_stage)
-
-    def build(self, transformer_config, use_te: bool, pre_process: bool, post_process: bool, vp_stage=None):
-        from megatron_mm.models.layers.gemma3_modules import EmbeddingScale
-
-        model = super().build(transformer_config, use_te, pre_process, post_process, vp_stage)
+    def build(self, transformer_config, backend, pre_process: bool, post_process: bool, vp_stage=None):
+        model = super().build(transformer_config, backend, pre_process, post_process, vp_stage)
         if pre_process:
             model.embedding.register_forward_hook(EmbeddingScale(self.hidden_size))
         return model

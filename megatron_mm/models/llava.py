@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_mm.checkpoint import hf_rules
-from megatron_mm.models.llama import LlamaConfig, llama_or_qwen2_fields
+from megatron_mm.models.llama import LlamaConfig, llama_or_qwen2_fields, llama_or_qwen2_text_config
 from megatron_mm.models.multimodal import MultimodalFamily
 from megatron_mm.models.encoders.clip_siglip import ImageTower, VisionEncoderConfig
 
@@ -82,18 +82,14 @@ class LlavaConfig(MultimodalFamily, LlamaConfig):
         return {"image": FixedSizeImageProcessor(self.vision_image_size, self.vision_encoder_type,
                                                  self.num_image_embeddings)}
 
-    def build_encoders(self, transformer_config, use_te: bool) -> dict[str, torch.nn.Module]:
-        return {"image": ImageTower(self.vision(), transformer_config, use_te)}
+    def build_encoders(self, transformer_config, backend) -> dict[str, torch.nn.Module]:
+        return {"image": ImageTower(self.vision(), transformer_config, backend)}
 
     def encoder_counts(self) -> dict:
         return {"image": self.vision().counts(self.hidden_size)}
 
     def validate(self, parallel) -> list[str]:
-        from megatron_mm.runtime import transformer_engine_available
-
         problems = super().validate(parallel) + self.vision().validate(parallel)
-        if parallel.cp > 1 and not transformer_engine_available():
-            problems.append(f"model.family={self.family}: context parallel needs Transformer Engine")
         if self.num_image_embeddings >= self.max_position_embeddings:
             problems.append(f"model.max_position_embeddings={self.max_position_embeddings} leaves no room for "
                             f"text after {self.num_image_embeddings} image embeddings")
@@ -157,13 +153,7 @@ class LlavaConfig(MultimodalFamily, LlamaConfig):
 
         vision = self.vision()
         tower_layers = self.hf_vision_tower_layers or vision.num_layers
-        if self.qkv_bias:
-            text = hf_rules.decoder_fields_to_hf(self, "Qwen2ForCausalLM", "qwen2")
-            text.update(hidden_act="silu", use_sliding_window=False,
-                        rope_parameters=hf_rules.rope_parameters(self.rotary_base))
-        else:
-            text = LlamaConfig.to_hf_config(self)
-        del text["architectures"], text["tie_word_embeddings"]  # the latter lives at the top level
+        text = llama_or_qwen2_text_config(self)
         hf_vision = vision_config_to_hf(vision, tower_layers)
         if vision.encoder_type == "siglip":
             hf_vision["vision_use_head"] = self.hf_vision_pooling_head
@@ -184,20 +174,11 @@ class LlavaConfig(MultimodalFamily, LlamaConfig):
     def hf_rules(self) -> list:
         """Saved checkpoints name the decoder `language_model.model.*` / `language_model.lm_head`,
         the tower `vision_tower[.vision_model].*` and the projector `multi_modal_projector.*`."""
-        from megatron_mm.checkpoint.hf_rules import Rule, same
+        from megatron_mm.checkpoint.hf_rules import same
         from megatron_mm.models.encoders.clip_siglip import carrying_unread, unread_tower_tensors, vision_tower_hf_rules
 
-        language = hf_rules.embedding_rules(self)
-        for layer in range(self.num_layers):
-            o, h = f"decoder.layers.{layer}", f"model.layers.{layer}"
-            language += hf_rules.attention_rules(self, layer, qk_norm=False)
-            if self.qkv_bias:
-                language.append(hf_rules.fused_qkv(
-                    f"{o}.self_attention.linear_qkv.bias", f"{h}.self_attn.q_proj.bias", f"{h}.self_attn.k_proj.bias",
-                    f"{h}.self_attn.v_proj.bias", self.num_attention_heads, self.query_groups, self.kv_channels))
-            language += hf_rules.gated_mlp_rules(f"{o}.mlp", f"{h}.mlp")
-        language = [Rule(f"language_model.{rule.ours}", tuple(f"language_model.{name}" for name in rule.hf),
-                         rule.to_ours, rule.to_hf) for rule in language]
+        language = hf_rules.prefixed(hf_rules.dense_decoder_rules(self, qk_norm=False, qkv_bias=self.qkv_bias),
+                                     "language_model.", "language_model.")
         vision = self.vision()
         tower = vision_tower_hf_rules(vision, ours="encoders.image.encoder", hf=self.hf_vision_prefix)
         unread = unread_tower_tensors(vision, self.hf_vision_prefix, self.hf_vision_tower_layers or vision.num_layers,

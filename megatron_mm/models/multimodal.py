@@ -83,28 +83,14 @@ class MultimodalModel(MegatronModule):
         return self.language_model.embedding.embedding_dropout(embeddings)
 
 
-def encoder_base_config(language_config):
-    """The language model's TransformerConfig as every encoder starts from it: its precision and
-    tensor parallelism; no experts, and whole on the first pipeline stage without sequence or
-    context parallelism."""
-    import dataclasses
-
-    defaults = {f.name: f.default for f in dataclasses.fields(language_config)
-                if (f.name.startswith("moe_") or f.name == "num_moe_experts") and f.default is not dataclasses.MISSING}
-    return dataclasses.replace(language_config, **defaults, expert_model_parallel_size=1,
-                               expert_tensor_parallel_size=None, pipeline_model_parallel_size=1,
-                               virtual_pipeline_model_parallel_size=None, sequence_parallel=False,
-                               context_parallel_size=1)
-
-
 class MultimodalFamily:
     """Mixin for a multimodal family's config, placed before its language model's config class:
     `class LlavaConfig(MultimodalFamily, LlamaConfig)`. The family supplies its encoders, their data
     processors and their placeholder token ids; the language model is built as the decoder family
     builds it."""
 
-    def build_encoders(self, transformer_config, use_te: bool) -> dict[str, torch.nn.Module]:
-        """modality -> encoder module; their configs start from encoder_base_config(transformer_config)."""
+    def build_encoders(self, transformer_config, backend) -> dict[str, torch.nn.Module]:
+        """modality -> encoder module; their configs start from encoders.common.encoder_config."""
         raise NotImplementedError
 
     def placeholder_ids(self) -> dict[str, int]:
@@ -133,9 +119,9 @@ class MultimodalFamily:
             problems.append(f"model.family={self.family} does not support parallel.vpp yet")
         return problems
 
-    def build(self, transformer_config, use_te: bool, pre_process: bool, post_process: bool, vp_stage=None):
-        language_model = super().build(transformer_config, use_te, pre_process, post_process, vp_stage)
-        encoders = self.build_encoders(transformer_config, use_te) if pre_process else {}
+    def build(self, transformer_config, backend, pre_process: bool, post_process: bool, vp_stage=None):
+        language_model = super().build(transformer_config, backend, pre_process, post_process, vp_stage)
+        encoders = self.build_encoders(transformer_config, backend) if pre_process else {}
         return MultimodalModel(transformer_config, language_model, encoders, self.placeholder_ids())
 
     def counts(self) -> ModelCounts:

@@ -23,7 +23,7 @@ from megatron_mm.models.encoders.audio import (
     audio_encoder_hf_rules,
     audio_projector_hf_rules,
 )
-from megatron_mm.models.llama import LlamaConfig, llama_or_qwen2_fields
+from megatron_mm.models.llama import LlamaConfig, llama_or_qwen2_fields, llama_or_qwen2_text_config
 from megatron_mm.models.multimodal import MultimodalFamily
 
 
@@ -73,18 +73,14 @@ class Qwen2AudioConfig(MultimodalFamily, LlamaConfig):
     def media_processors(self) -> dict:
         return {"audio": self.audio().processor()}
 
-    def build_encoders(self, transformer_config, use_te: bool) -> dict[str, torch.nn.Module]:
-        return {"audio": AudioEncoder(self.audio(), transformer_config, use_te)}
+    def build_encoders(self, transformer_config, backend) -> dict[str, torch.nn.Module]:
+        return {"audio": AudioEncoder(self.audio(), transformer_config, backend)}
 
     def encoder_counts(self) -> dict:
         return {"audio": self.audio().counts(self.hidden_size)}
 
     def validate(self, parallel) -> list[str]:
-        from megatron_mm.runtime import transformer_engine_available
-
         problems = super().validate(parallel) + self.audio().validate(parallel)
-        if parallel.cp > 1 and not transformer_engine_available():
-            problems.append(f"model.family={self.family}: context parallel needs Transformer Engine")
         if not problems and self.num_audio_embeddings >= self.max_position_embeddings:
             problems.append(f"model.max_position_embeddings={self.max_position_embeddings} leaves no room for "
                             f"text after {self.num_audio_embeddings} audio embeddings")
@@ -121,13 +117,7 @@ class Qwen2AudioConfig(MultimodalFamily, LlamaConfig):
             raise ValueError("Qwen2-Audio pools by 2 and projects with one linear; this model has "
                              f"audio_pooling_stride={self.audio_pooling_stride}, "
                              f"audio_projector_type={self.audio_projector_type!r}")
-        if self.qkv_bias:
-            text = hf_rules.decoder_fields_to_hf(self, "Qwen2ForCausalLM", "qwen2")
-            text.update(hidden_act="silu", use_sliding_window=False,
-                        rope_parameters=hf_rules.rope_parameters(self.rotary_base))
-        else:
-            text = LlamaConfig.to_hf_config(self)
-        del text["architectures"], text["tie_word_embeddings"]  # the latter lives at the top level
+        text = llama_or_qwen2_text_config(self)
         return {
             "architectures": list(self.HF_ARCHITECTURES),
             "model_type": "qwen2_audio",
@@ -139,21 +129,10 @@ class Qwen2AudioConfig(MultimodalFamily, LlamaConfig):
 
     def hf_rules(self) -> list:
         """A tied model writes its embedding twice, as transformers reads an lm_head of its own."""
-        from megatron_mm.checkpoint.hf_rules import Rule
-
-        language = hf_rules.embedding_rules(self)
+        language = hf_rules.dense_decoder_rules(self, qk_norm=False, qkv_bias=self.qkv_bias)
         if self.tie_word_embeddings:
             language[0] = hf_rules.duplicated(language[0].ours, (*language[0].hf, "lm_head.weight"))
-        for layer in range(self.num_layers):
-            o, h = f"decoder.layers.{layer}", f"model.layers.{layer}"
-            language += hf_rules.attention_rules(self, layer, qk_norm=False)
-            if self.qkv_bias:
-                language.append(hf_rules.fused_qkv(
-                    f"{o}.self_attention.linear_qkv.bias", f"{h}.self_attn.q_proj.bias", f"{h}.self_attn.k_proj.bias",
-                    f"{h}.self_attn.v_proj.bias", self.num_attention_heads, self.query_groups, self.kv_channels))
-            language += hf_rules.gated_mlp_rules(f"{o}.mlp", f"{h}.mlp")
-        language = [Rule(f"language_model.{rule.ours}", tuple(f"language_model.{name}" for name in rule.hf),
-                         rule.to_ours, rule.to_hf) for rule in language]
+        language = hf_rules.prefixed(language, "language_model.", "language_model.")
         audio = self.audio()
         return (language + audio_encoder_hf_rules(audio, ours="encoders.audio", hf="audio_tower")
                 + audio_projector_hf_rules(audio, ours="encoders.audio.projector", hf="multi_modal_projector"))

@@ -11,7 +11,6 @@ temporal patch and use the same token here.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -94,8 +93,8 @@ class Qwen2VLConfig(MultimodalFamily, DecoderConfig):
         return mrope_position_ids(tokens, media.get("image_grid_thw"), self.image_token_id,
                                   self.vision_spatial_merge_size)
 
-    def build_encoders(self, transformer_config, use_te: bool) -> dict[str, torch.nn.Module]:
-        return {"image": Qwen2VLImageEncoder(self.vision(), transformer_config, use_te)}
+    def build_encoders(self, transformer_config, backend) -> dict[str, torch.nn.Module]:
+        return {"image": Qwen2VLImageEncoder(self.vision(), transformer_config, backend)}
 
     def encoder_counts(self) -> dict:
         return {"image": self.vision().counts(self.vision_max_pixels)}
@@ -105,8 +104,6 @@ class Qwen2VLConfig(MultimodalFamily, DecoderConfig):
         if 2 * sum(self.mrope_section) != self.kv_channels:
             problems.append(f"model.mrope_section={list(self.mrope_section)} sums to {sum(self.mrope_section)}; "
                             f"M-RoPE needs head_dim / 2 = {self.kv_channels // 2}")
-        if parallel.cp > 1:
-            problems.append(f"model.family={self.family}: context parallel is not supported (M-RoPE positions)")
         return problems
 
     # ---- HuggingFace mapping -------------------------------------------------------------------
@@ -163,15 +160,7 @@ class Qwen2VLConfig(MultimodalFamily, DecoderConfig):
 
     def hf_rules(self) -> list:
         """Saved checkpoints name the language model `model.*` / `lm_head` and the vision tower `visual.*`."""
-        language = hf_rules.embedding_rules(self)
-        for layer in range(self.num_layers):
-            o, h = f"decoder.layers.{layer}", f"model.layers.{layer}"
-            language += hf_rules.attention_rules(self, layer, qk_norm=False)
-            language.append(hf_rules.fused_qkv(
-                f"{o}.self_attention.linear_qkv.bias", f"{h}.self_attn.q_proj.bias", f"{h}.self_attn.k_proj.bias",
-                f"{h}.self_attn.v_proj.bias", self.num_attention_heads, self.query_groups, self.kv_channels))
-            language += hf_rules.gated_mlp_rules(f"{o}.mlp", f"{h}.mlp")
-        language = [dataclasses.replace(rule, ours=f"language_model.{rule.ours}") for rule in language]
+        language = hf_rules.prefixed(hf_rules.dense_decoder_rules(self, qk_norm=False, qkv_bias=True), "language_model.")
         return language + visual_hf_rules(self.vision(), ours="encoders.image", hf="visual")
 
 

@@ -62,17 +62,10 @@ class MoEDecoderConfig(DecoderConfig):
             "moe_token_dispatcher_type": self.token_dispatcher,
         }
 
-    def backend_transformer_fields(self, use_te: bool) -> dict:
-        # TE's grouped GEMM runs all local experts in one kernel; without TE, sequential experts.
-        return {"moe_grouped_gemm": use_te}
-
-    def layer_spec(self, transformer_config, use_te: bool, vp_stage=None):
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    def layer_spec(self, transformer_config, backend, vp_stage=None):
         from megatron.core.transformer.moe.moe_layer import MoELayer
 
-        spec = get_gpt_decoder_block_spec(
-            transformer_config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
-        )
+        spec = backend.decoder_block_spec(transformer_config, "RMSNorm", vp_stage)
         for layer in spec.layer_specs:
             if layer.submodules.mlp.module is not MoELayer:
                 continue
