@@ -8,7 +8,7 @@ optimizer steps, leaving room for reduction-order differences (TP all-reduces pa
 
 import pytest
 
-from conftest import read_weights, read_losses, torchrun
+from conftest import case, read_losses, read_weights, run_cases, torchrun
 
 RELATIVE_TOLERANCE = 1e-5
 
@@ -31,18 +31,36 @@ def assert_same_losses(expected: dict, actual: dict, tolerance: float = RELATIVE
         assert rel < tolerance, f"step {step}: {actual[step]!r} vs single rank {loss!r} (rel {rel:.2e})"
 
 
+# Runs from the initial weights besides LAYOUTS, sharing their launches: (ranks, overrides, driver flags).
+OTHER_RUNS = {
+    "bf16_tp2": (2, ["parallel.tp=2", "train.precision=bf16"], []),
+    "vpp2_batched_p2p": (2, ["parallel.pp=2", "parallel.vpp=2"], ["--force-batch-p2p"]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, init_checkpoint):
+    """Every run of this file but the compiled one: one launch per world size."""
+    cases = {}
+    from_init = {name: (nproc, overrides, []) for name, (nproc, overrides) in LAYOUTS.items()} | OTHER_RUNS
+    for name, (nproc, overrides, flags) in from_init.items():
+        out = tmp_path_factory.mktemp(name)
+        cases[name] = case(nproc, out, f"train.output_dir={out}", f"train.init_from={init_checkpoint}", *overrides,
+                           flags=flags)
+    other_seed = tmp_path_factory.mktemp("other_seed")
+    cases["other_seed"] = case(1, other_seed, f"train.output_dir={other_seed}", "train.seed=99")
+    return run_cases(cases)
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_layout_matches_single_rank(name, tmp_path, init_checkpoint, single_rank_losses):
-    nproc, overrides = LAYOUTS[name]
-    torchrun(nproc, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={init_checkpoint}", *overrides)
-    assert_same_losses(single_rank_losses, read_losses(tmp_path))
+def test_layout_matches_single_rank(name, runs, single_rank_losses):
+    assert_same_losses(single_rank_losses, read_losses(runs[name]))
 
 
-def test_losses_decrease_and_differ_from_other_weights(single_rank_losses, tmp_path):
+def test_losses_decrease_and_differ_from_other_weights(single_rank_losses, runs):
     """Guards the comparison itself: training moves the loss, and other weights give other losses."""
     assert single_rank_losses[5] < single_rank_losses[1]
-    torchrun(1, tmp_path, f"train.output_dir={tmp_path}", "train.seed=99")
-    other = read_losses(tmp_path)
+    other = read_losses(runs["other_seed"])
     assert abs(other[1] - single_rank_losses[1]) / single_rank_losses[1] > 1e-4
 
 
@@ -52,30 +70,24 @@ def test_torch_compile_path_matches(tmp_path, init_checkpoint, single_rank_losse
     assert_same_losses(single_rank_losses, read_losses(tmp_path))
 
 
-def test_gloo_pp2_batched_p2p_trap_is_guarded(tmp_path, init_checkpoint, single_rank_losses):
+def test_gloo_pp2_batched_p2p_trap_is_guarded(runs, single_rank_losses):
     """With two pipeline ranks, gloo mis-pairs megatron-core's batched send/recv: forcing batching
     back on (bypassing runtime.batch_p2p_comm_safe) gives a silently wrong loss, which is exactly
     what the guarded vpp2 run above does not."""
-    torchrun(2, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={init_checkpoint}",
-             "parallel.pp=2", "parallel.vpp=2", flags=["--force-batch-p2p"])
     with pytest.raises(AssertionError, match="vs single rank"):
-        assert_same_losses(single_rank_losses, read_losses(tmp_path))
+        assert_same_losses(single_rank_losses, read_losses(runs["vpp2_batched_p2p"]))
 
 
-def test_bf16_mixed_precision_tracks_fp32(tmp_path, init_checkpoint, single_rank_losses):
+def test_bf16_mixed_precision_tracks_fp32(runs, single_rank_losses):
     """The GPU precision path (bf16 weights and activations, fp32 main params and grads in the
     optimizer, Float16Module) on TP2: within bf16's ~3 significant digits of the fp32 run."""
-    torchrun(2, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={init_checkpoint}", "parallel.tp=2",
-             "train.precision=bf16")
-    bf16 = read_losses(tmp_path)
+    bf16 = read_losses(runs["bf16_tp2"])
     for step, loss in single_rank_losses.items():
         assert abs(bf16[step] - loss) / loss < 2e-2, (step, bf16[step], loss)
     assert bf16 != single_rank_losses  # it really ran in bf16
     # The trained weights start from the loaded ones, not from the optimizer's copy of the random init.
-    fp32 = tmp_path / "fp32"
-    torchrun(2, fp32, f"train.output_dir={fp32}", f"train.init_from={init_checkpoint}", "parallel.tp=2")
     for rank in range(2):
-        trained_bf16, trained_fp32 = read_weights(tmp_path, rank), read_weights(fp32, rank)
+        trained_bf16, trained_fp32 = read_weights(runs["bf16_tp2"], rank), read_weights(runs["tp2"], rank)
         for name, weight in trained_fp32.items():
             if weight.is_floating_point() and weight.numel() > 1 and weight.std() > 0:  # not the norms' ones
                 # Independent random inits would differ by ~1.4x the mean magnitude; bf16 by a few percent.
