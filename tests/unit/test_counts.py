@@ -196,6 +196,8 @@ TINY = {
     "audio mlp (llama decoder)": ("tiny_audio_lm", ["model.audio_projector_type=mlp", "model.qkv_bias=false"]),
 }
 
+TEXT_ONLY = ("tiny_llama3", "tiny_qwen3", "tiny_mistral", "tiny_gemma3", "tiny_deepseek_v3")
+
 
 @pytest.fixture(scope="module")
 def built() -> dict:
@@ -215,9 +217,54 @@ def test_count_is_the_built_models_numel(built, case):
     assert counts.mtp_total == built[case]["mtp"]
 
 
+MEASURED_SEQ = 16
+
+
+@pytest.mark.parametrize("case", [case for case, (name, _) in TINY.items() if name in TEXT_ONLY])
+def test_decoder_macs_are_the_built_models_matmuls(built, case):
+    """torch's FLOP counter over one forward of MEASURED_SEQ tokens (labels given, so the MTP
+    layers run too). megatron-core's local attention computes every score before masking, so the
+    measured core attention is over all MEASURED_SEQ keys, where our count takes the causal half."""
+    name, overrides = TINY[case]
+    counts = counts_of(name, overrides)
+    parts = counts.decoder + counts.mtp
+    full_attention = sum(p.macs + p.attention_width * MEASURED_SEQ for p in parts)
+    assert built[case]["forward_flops_per_token"] == 2 * full_attention
+
+
+@pytest.mark.parametrize("case", [case for case, (name, _) in TINY.items() if name not in TEXT_ONLY])
+def test_encoder_macs_are_the_built_encoders_matmuls(built, case):
+    """torch's FLOP counter over the encoder's forward on one item of the size the counts assume."""
+    name, overrides = TINY[case]
+    (encoder,) = counts_of(name, overrides).encoders.values()
+    assert built[case]["encoder_flops_per_item"] == 2 * encoder.macs_per_item
+
+
+def _one_item(model_cfg) -> dict:
+    """One media item of the size the counts assume: an image of vision_image_size, a Qwen2-VL image
+    at the pixel budget (a square grid of patches), a clip of the chunk length."""
+    import torch
+
+    if hasattr(model_cfg, "audio"):
+        audio = model_cfg.audio()
+        return {"audio_features": torch.randn(1, audio.num_mel_bins, audio.num_frames)}
+    if hasattr(model_cfg, "vision_max_pixels"):
+        vision = model_cfg.vision()
+        side = int((model_cfg.vision_max_pixels // vision.patch_size ** 2) ** 0.5)
+        return {"pixel_values": torch.randn(side * side, vision.patch_dim),
+                "image_grid_thw": torch.tensor([[1, side, side]])}
+    return {"images": torch.randn(1, 3, model_cfg.vision_image_size, model_cfg.vision_image_size)}
+
+
 def _build_main() -> None:
-    """Runs in a fresh process: a one-rank world, each tiny model built whole, numel summed."""
+    """Runs in a fresh process: a one-rank world, each tiny model built whole, numel summed, the
+    matmul FLOPs of a forward counted."""
     sys.path.insert(0, str(ROOT))
+    import torch
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+    from torch.utils.flop_counter import FlopCounterMode
+
     from megatron_mm.models.layers.backend import select_backend
     from megatron_mm.runtime import init_distributed, set_seed
 
@@ -233,6 +280,19 @@ def _build_main() -> None:
         sizes[case] = {"total": sum(p.numel() for p in named.values()),
                        "encoders": sum(p.numel() for n, p in named.items() if n.startswith("encoders.")),
                        "mtp": sum(p.numel() for n, p in named.items() if n.split(".")[0] == "mtp")}
+        # loss trackers are sized by the first model's layer counts
+        MTPLossLoggingHelper.tracker.clear()
+        get_moe_layer_wise_logging_tracker().clear()
+        counter = FlopCounterMode(display=False)
+        with counter:  # forward only; MTP and the MoE aux loss need autograd on
+            if name in TEXT_ONLY:
+                tokens = torch.randint(0, cfg.model.vocab_size, (1, MEASURED_SEQ))
+                model(tokens, torch.arange(MEASURED_SEQ).unsqueeze(0), None, labels=tokens)
+            else:
+                (encoder,) = model.encoders.values()
+                encoder(**_one_item(cfg.model))
+        key = "forward_flops_per_token" if name in TEXT_ONLY else "encoder_flops_per_item"
+        sizes[case][key] = counter.get_total_flops() / (MEASURED_SEQ if name in TEXT_ONLY else 1)
     print(json.dumps(sizes))
 
 
