@@ -445,6 +445,11 @@ class MMIndexedDataset:
     def num_tokens(self, index: int) -> int:
         return int(self._samples[index]["token_count"])
 
+    def sample_headers(self) -> numpy.ndarray:
+        """Every sample's index entry (SAMPLE_DTYPE: token_offset, token_count, media_start,
+        media_count), read-only."""
+        return self._samples
+
     def media_sizes(self, index: int) -> list[tuple[str, int, tuple[int, int]]]:
         """(kind, position, size) of each media record of sample `index`, read without decoding pixels
         or samples: images (height, width) from the file header, audio (frames, sample rate) from the

@@ -201,6 +201,10 @@ class SourceSplit:
         """The dataset index of the split's `offset`-th sample."""
         return self.begin + offset if self.kept is None else int(self.kept[offset])
 
+    def samples(self, offsets: numpy.ndarray) -> numpy.ndarray:
+        """`sample` of each of `offsets`."""
+        return self.begin + offsets if self.kept is None else self.kept[offsets].astype(numpy.int64)
+
 
 def split_bounds(num_samples: int, split: str) -> list[Optional[tuple[int, int]]]:
     """[begin, end) of each of train/valid/test within `num_samples`, as megatron-core splits documents."""
@@ -232,12 +236,25 @@ class BlendedStream:
         self._permutations: dict[tuple[int, int], numpy.ndarray] = {}
 
     def __getitem__(self, position: int) -> tuple[int, int]:
-        if position >= len(self._sources):  # grow geometrically; the order is prefix-stable
-            self._sources, self._source_positions = blending_indices(self.weights, max(1024, 2 * position))
-        source = int(self._sources[position])
-        split = self.splits[source]
-        epoch, offset = divmod(int(self._source_positions[position]), len(split))
-        return source, split.sample(int(self._permutation(source, epoch)[offset]))
+        sources, samples = self.take(position, 1)
+        return int(sources[0]), int(samples[0])
+
+    def take(self, start: int, count: int) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """(sources, sample indices) of positions [start, start + count), as arrays."""
+        end = start + count
+        if end > len(self._sources):  # grow geometrically; the order is prefix-stable
+            self._sources, self._source_positions = blending_indices(self.weights, max(1024, 2 * end))
+        sources = self._sources[start:end].astype(numpy.int64)
+        source_positions = self._source_positions[start:end]
+        samples = numpy.empty(count, dtype=numpy.int64)
+        for source in numpy.unique(sources).tolist():
+            at_source = numpy.flatnonzero(sources == source)
+            split = self.splits[source]
+            epochs, offsets = numpy.divmod(source_positions[at_source], len(split))
+            for epoch in numpy.unique(epochs).tolist():
+                in_epoch = epochs == epoch
+                samples[at_source[in_epoch]] = split.samples(self._permutation(source, epoch)[offsets[in_epoch]])
+        return sources, samples
 
     def _permutation(self, source: int, epoch: int) -> numpy.ndarray:
         if (source, epoch) not in self._permutations:
@@ -265,61 +282,93 @@ class PackingPlan:
 
 
 class SampleLayouts:
-    """(expanded length, end of the last placeholder) of each sample, from the index headers."""
+    """(expanded length, end of the last placeholder) of each sample, from the index headers; text-only
+    samples in one array operation, those with media once each."""
 
     def __init__(self, splits: Sequence[SourceSplit], counter: PlaceholderCounter):
         self.splits, self.counter = splits, counter
-        self._cache: dict[tuple[int, int], tuple[int, int]] = {}
+        self._lengths: dict[int, numpy.ndarray] = {}  # per source, by dataset index; -1 until read
+        self._media_ends: dict[int, numpy.ndarray] = {}
 
     def __call__(self, source: int, sample: int) -> tuple[int, int]:
-        if (source, sample) not in self._cache:
-            dataset = self.splits[source].dataset
+        lengths, media_ends = self.take(numpy.array([source]), numpy.array([sample]))
+        return int(lengths[0]), int(media_ends[0])
+
+    def take(self, sources: numpy.ndarray, samples: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
+        lengths = numpy.empty(len(samples), dtype=numpy.int64)
+        media_ends = numpy.empty(len(samples), dtype=numpy.int64)
+        for source in numpy.unique(sources).tolist():
+            at_source = sources == source
+            source_lengths, source_media_ends = self._of_source(source, samples[at_source])
+            lengths[at_source], media_ends[at_source] = source_lengths, source_media_ends
+        return lengths, media_ends
+
+    def _of_source(self, source: int, samples: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
+        dataset = self.splits[source].dataset
+        if source not in self._lengths:
+            headers = dataset.sample_headers()
+            self._lengths[source] = numpy.where(headers["media_count"] == 0, headers["token_count"], -1).astype(numpy.int64)
+            self._media_ends[source] = numpy.zeros(len(headers), dtype=numpy.int64)
+        lengths, media_ends = self._lengths[source], self._media_ends[source]
+        for sample in numpy.unique(samples[lengths[samples] < 0]).tolist():
             placeholders, media_end = 0, 0
             for kind, position, size in dataset.media_sizes(sample):
                 placeholders += self.counter(kind, item_size(kind, size))
                 media_end = position + placeholders  # the text before it and every placeholder so far
-            self._cache[source, sample] = (dataset.num_tokens(sample) + placeholders, media_end)
-        return self._cache[source, sample]
+            lengths[sample], media_ends[sample] = dataset.num_tokens(sample) + placeholders, media_end
+        return lengths[samples], media_ends[samples]
 
 
 def plan_packing(stream: BlendedStream, layouts: SampleLayouts, seq_length: int, num_sequences: int,
                  window: int = DEFAULT_PACKING_WINDOW) -> PackingPlan:
     """First-fit in stream order: each sample joins the oldest of the last `window` open sequences
     with room for it, else opens one. A sample longer than `seq_length` loses text from its end when
-    all its placeholders fit, and is dropped otherwise."""
-    open_bins: list[list] = []  # [free tokens, members]
-    closed: list[list] = []
-    dropped = []
+    all its placeholders fit, and is dropped otherwise.
+
+    Stream positions and sample layouts are looked up in array blocks; only the first-fit choice,
+    which depends on every earlier one, runs per sample, on plain integers."""
+    open_bins: list[list] = []  # [free tokens, stream positions of its members]
+    closed_members: list[list[int]] = []
+    dropped: list[int] = []
     # Every sample of every source, once, without one kept: nothing would ever fit.
     give_up_after = sum(len(split) for split in stream.splits)
+    block = max(1024, 4 * window)
     position = 0
-    while len(closed) < num_sequences:
-        source, sample = stream[position]
-        length, media_end = layouts(source, sample)
-        if media_end > seq_length:
-            dropped.append(position)
+    while len(closed_members) < num_sequences:
+        sources, samples = stream.take(position, block)
+        lengths, media_ends = layouts.take(sources, samples)
+        fits = (media_ends <= seq_length).tolist()
+        kept_lengths = numpy.minimum(lengths, seq_length).tolist()
+        for fit, kept in zip(fits, kept_lengths):
+            if len(closed_members) == num_sequences:
+                break
+            if not fit:
+                dropped.append(position)
+                position += 1
+                if not closed_members and not open_bins and len(dropped) >= give_up_after:
+                    raise UserError(f"no sample's media fit in data.seq_length={seq_length}")
+                continue
+            target = next((b for b in open_bins if b[0] >= kept), None)
+            if target is None:
+                target = [seq_length, []]
+                open_bins.append(target)
+                if len(open_bins) > window:
+                    closed_members.append(open_bins.pop(0)[1])
+            target[0] -= kept
+            target[1].append(position)
             position += 1
-            if not closed and not open_bins and len(dropped) >= give_up_after:
-                raise UserError(f"no sample's media fit in data.seq_length={seq_length}")
-            continue
-        kept = min(length, seq_length)
-        target = next((b for b in open_bins if b[0] >= kept), None)
-        if target is None:
-            target = [seq_length, []]
-            open_bins.append(target)
-            if len(open_bins) > window:
-                closed.append(open_bins.pop(0))
-        target[0] -= kept
-        target[1].append((position, source, sample, kept, length))
-        position += 1
-    members = numpy.array([m for _, bin_members in closed for m in bin_members], dtype=numpy.int64).reshape(-1, 5)
-    offsets = numpy.cumsum([0] + [len(bin_members) for _, bin_members in closed])
-    tokens, cut = int(members[:, 3].sum()), members[:, 4] - members[:, 3]
-    stats = dict(sequences=num_sequences, samples=len(members), tokens=tokens,
+    member_positions = numpy.array([p for members in closed_members for p in members], dtype=numpy.int64)
+    offsets = numpy.cumsum([0] + [len(members) for members in closed_members])
+    sources, samples = stream.take(0, position)
+    sources, samples = sources[member_positions], samples[member_positions]
+    lengths, _ = layouts.take(sources, samples)
+    kept = numpy.minimum(lengths, seq_length)
+    tokens, cut = int(kept.sum()), lengths - kept
+    stats = dict(sequences=num_sequences, samples=len(member_positions), tokens=tokens,
                  fill=tokens / max(1, num_sequences * seq_length), truncated=int((cut > 0).sum()),
                  truncated_tokens=int(cut.sum()), dropped=len(dropped), stream_samples_read=position)
-    return PackingPlan(offsets, members[:, 0], members[:, 1], members[:, 2], members[:, 3],
-                       numpy.array(dropped, dtype=numpy.int64), stats)
+    return PackingPlan(offsets, member_positions, sources, samples, kept, numpy.array(dropped, dtype=numpy.int64),
+                       stats)
 
 
 def format_packing_stats(name: str, stats: dict) -> str:
