@@ -202,15 +202,15 @@ class VisionEncoderConfig:
 
 def vision_encoder_class():
     """CLIPViTModel building the encoder its config names (`vision_model_type`: clip or siglip,
-    `vision_post_layernorm`), with WrappedTorchNorm for the norms when TE is absent."""
+    `vision_post_layernorm`), its norms the backend's (`norm`; megatron-core's default is
+    torch.nn.LayerNorm without TE, which build_module cannot construct)."""
     from megatron.core.models.vision import clip_vit_model
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     class VisionEncoder(clip_vit_model.CLIPViTModel):
-        def __init__(self, transformer_config, transformer_layer_spec, **kwargs):
+        def __init__(self, transformer_config, transformer_layer_spec, norm=WrappedTorchNorm, **kwargs):
             subtype = getattr(transformer_config, "vision_model_type", "clip")
-            norm = WrappedTorchNorm if clip_vit_model.NORM_IMPL is torch.nn.LayerNorm else clip_vit_model.NORM_IMPL
             kwargs.setdefault("ln_pre_impl", norm)
             kwargs.setdefault("ln_post_impl", norm if getattr(transformer_config, "vision_post_layernorm", True)
                               else IdentityOp)
@@ -269,7 +269,7 @@ class ImageTower(MegatronModule):
         tower_config = vision.encoder_transformer_config(language_config)
         super().__init__(config=tower_config)
         self.encoder = vision_encoder_class()(
-            tower_config, backend.vit_layer_spec(),
+            tower_config, backend.vit_layer_spec(), norm=backend.norm(),
             patch_dim=vision.patch_size, img_h=vision.image_size, img_w=vision.image_size,
         )
         self.projector = build_projector(vision, language_config, backend)

@@ -194,10 +194,7 @@ class Qwen2VLImageEncoder(MegatronModule):
 
     def __init__(self, vision: Qwen2VLVisionConfig, language_config, backend):
         from megatron.core.models.vision.multimodal_projector import MultimodalProjector
-        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-        from megatron.core.transformer.mlp import MLPSubmodules
         from megatron.core.transformer.spec_utils import build_module
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
         config = vision.encoder_transformer_config(language_config)
         super().__init__(config=config)
@@ -210,10 +207,9 @@ class Qwen2VLImageEncoder(MegatronModule):
             build_module(spec, config=config, layer_number=i + 1) for i in range(vision.depth))
         merger_config = vision.merger_transformer_config(language_config)
         self.merger = torch.nn.Module()
-        self.merger.norm = WrappedTorchNorm(config, vision.hidden_size, eps=vision.norm_epsilon)
-        self.merger.projector = MultimodalProjector(
-            merger_config, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-            "mlp", vision.merged_dim)
+        self.merger.norm = build_module(backend.norm(), config=config, hidden_size=vision.hidden_size,
+                                        eps=vision.norm_epsilon)
+        self.merger.projector = MultimodalProjector(merger_config, backend.mlp_submodules(), "mlp", vision.merged_dim)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
         # The default would save the layer list and the merger (plain containers) as replicated;

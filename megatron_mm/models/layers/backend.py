@@ -7,12 +7,14 @@ from a `LayerBackend`, chosen once per run from `model.backend`:
     local  megatron-core's pure-torch modules (its local layer specs)
 
 A new backend (another attention kernel, FP8 linears) is a subclass overriding the modules it
-changes; the spec builders stay as they are. Decoder layer specs come from megatron-core's own spec
-functions for the backend, so a backend's modules also replace theirs there.
+changes; the spec builders stay as they are. Decoder and ViT layer specs come from megatron-core's
+own spec functions; a subclass of the local backend has its modules put in place of the local ones
+there too (`adopt`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -93,25 +95,33 @@ class LocalBackend:
         return fields
 
     # ---- layer specs ------------------------------------------------------------------------------
+    def adopt(self, spec):
+        """A megatron-core local spec with this backend's modules in place of the local ones
+        (in place; the spec is returned)."""
+        replacements = {DotProductAttention: self.core_attention(), ColumnParallelLinear: self.column_linear(),
+                        RowParallelLinear: self.row_linear()}
+        _replace_modules(spec, {old: new for old, new in replacements.items() if old is not new})
+        return spec
+
     def gpt_layer_spec(self, qk_layernorm: bool, normalization: str):
         """A dense decoder layer (megatron-core's GPT layer spec of this backend)."""
-        return get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+        return self.adopt(get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization))
 
     def decoder_block_spec(self, config, normalization: str, vp_stage=None):
         """This pipeline stage's decoder layers, each dense or MoE as config.moe_layer_freq says."""
-        return get_gpt_decoder_block_spec(config, use_transformer_engine=self.uses_te,
-                                          normalization=normalization, vp_stage=vp_stage)
+        return self.adopt(get_gpt_decoder_block_spec(config, use_transformer_engine=self.uses_te,
+                                                     normalization=normalization, vp_stage=vp_stage))
 
     def mtp_block_spec(self, config, layer_spec, vp_stage=None):
         """The multi-token-prediction block after the decoder (built on the last stage)."""
-        return get_gpt_mtp_block_spec(config, layer_spec, self.uses_te, vp_stage=vp_stage)
+        return self.adopt(get_gpt_mtp_block_spec(config, layer_spec, self.uses_te, vp_stage=vp_stage))
 
     def vit_layer_spec(self):
         """A CLIP/SigLIP ViT layer attending both ways. megatron-core's local ViT spec says causal
         (its TE spec no_mask); a ViT attends both ways, so both backends compute the same encoder."""
         spec = get_vit_layer_with_local_spec()
         spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.no_mask}
-        return spec
+        return self.adopt(spec)
 
     def encoder_layer_spec(self, attn_mask_type):
         """A pre-norm encoder layer (self-attention, MLP) with separate norm modules on every backend,
@@ -181,6 +191,9 @@ class TransformerEngineBackend(LocalBackend):
     def mla_core_attention(self) -> type:
         return self.core_attention()  # TE's attention takes MLA's k/v channel widths
 
+    def adopt(self, spec):
+        return spec  # megatron-core's TE specs already hold TE's modules
+
     def gpt_layer_spec(self, qk_layernorm: bool, normalization: str):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
 
@@ -201,6 +214,33 @@ def select_backend(name: str = "auto") -> LocalBackend:
         raise UserError("model.backend=te needs Transformer Engine on a GPU (transformer_engine.pytorch "
                         "does not import here); use model.backend=local or auto")
     return BACKENDS[name]()
+
+
+# megatron-core 0.16.1's MLASelfAttention accepts only its own classes for the latent
+# down-projections (it tests the class to choose their arguments): they stay as its spec says.
+KEEP_SUBMODULES = ("linear_q_down_proj", "linear_kv_down_proj")
+
+
+def _replace_modules(node, replacements: dict) -> None:
+    """Replace module classes (exact classes, not subclasses) throughout a spec tree: ModuleSpecs,
+    submodule dataclasses and lists of layer specs."""
+    if not replacements or node is None:
+        return
+    if isinstance(node, ModuleSpec):
+        node.module = replacements.get(node.module, node.module)
+        _replace_modules(node.submodules, replacements)
+    elif isinstance(node, (list, tuple)):
+        for item in node:
+            _replace_modules(item, replacements)
+    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+        for field in dataclasses.fields(node):
+            if field.name in KEEP_SUBMODULES:
+                continue
+            value = getattr(node, field.name)
+            if isinstance(value, type) and value in replacements:
+                setattr(node, field.name, replacements[value])
+            else:
+                _replace_modules(value, replacements)
 
 
 class LocalMLACoreAttention(DotProductAttention):
