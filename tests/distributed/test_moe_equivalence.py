@@ -13,7 +13,7 @@ layout stays within 1e-5 (not yet explained: MLA, MTP or the sequence aux loss u
 import pytest
 import torch
 
-from conftest import HERE, read_losses, read_weights, torchrun
+from conftest import HERE, case, read_losses, read_weights, run_cases, torchrun
 from test_parallel_equivalence import RELATIVE_TOLERANCE, assert_same_losses
 
 CONFIGS = {"deepseek_v3": HERE / "tiny_deepseek.yaml", "qwen3_moe": HERE / "tiny_qwen3_moe.yaml"}
@@ -34,37 +34,47 @@ LAYOUTS = {
 }
 
 
+INIT = ("checkpoints", "iter_0000000")
+BIAS_RESUME = ["train.train_iters=10", "model.expert_bias_update_rate=0.05"]
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Per family: initial weights saved by one rank, and that rank's 5-step losses."""
-    runs = {}
+def runs(tmp_path_factory):
+    """Per family initial weights saved by one rank and that rank's 5-step losses, the layouts from
+    those weights, and DeepSeek-V3's 10 uninterrupted steps with moving expert biases: one launch
+    per world size."""
+    cases = {}
     for family, config in CONFIGS.items():
-        init = tmp_path_factory.mktemp(f"{family}_init")
-        torchrun(1, init, f"train.output_dir={init}", config=config, flags=["--save-init"])
-        checkpoint = init / "checkpoints" / "iter_0000000"
-        single = tmp_path_factory.mktemp(f"{family}_single")
-        torchrun(1, single, f"train.output_dir={single}", f"train.init_from={checkpoint}", config=config)
-        runs[family] = (checkpoint, read_losses(single))
-    return runs
+        init, single = tmp_path_factory.mktemp(f"{family}_init"), tmp_path_factory.mktemp(f"{family}_single")
+        checkpoint = init.joinpath(*INIT)
+        cases[f"{family}_init"] = case(1, init, f"train.output_dir={init}", config=config, flags=["--save-init"])
+        cases[f"{family}_single"] = case(1, single, f"train.output_dir={single}", f"train.init_from={checkpoint}",
+                                         config=config)
+    straight = tmp_path_factory.mktemp("bias_straight")
+    cases["bias_straight"] = case(1, straight, f"train.output_dir={straight}", *BIAS_RESUME,
+                                  f"train.init_from={cases['deepseek_v3_init'].out.joinpath(*INIT)}",
+                                  config=CONFIGS["deepseek_v3"])
+    for (family, layout), (nproc, overrides) in LAYOUTS.items():
+        out = tmp_path_factory.mktemp(f"{family}_{layout}")
+        checkpoint = cases[f"{family}_init"].out.joinpath(*INIT)
+        cases[f"{family}_{layout}"] = case(nproc, out, f"train.output_dir={out}", f"train.init_from={checkpoint}",
+                                           *overrides, config=CONFIGS[family])
+    return run_cases(cases)
 
 
 @pytest.mark.parametrize("family, layout", LAYOUTS)
-def test_moe_layout_matches_single_rank(family, layout, reference, tmp_path):
-    checkpoint, expected = reference[family]
-    nproc, overrides = LAYOUTS[(family, layout)]
-    torchrun(nproc, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={checkpoint}", *overrides,
-             config=CONFIGS[family])
+def test_moe_layout_matches_single_rank(family, layout, runs):
+    expected = read_losses(runs[f"{family}_single"])
     tolerance = 5e-5 if (family, layout) == ("deepseek_v3", "ep2_tp2_sp") else RELATIVE_TOLERANCE
-    assert_same_losses(expected, read_losses(tmp_path), tolerance)
+    assert_same_losses(expected, read_losses(runs[f"{family}_{layout}"]), tolerance)
 
 
-def test_expert_bias_round_trips_through_resume(reference, tmp_path):
+def test_expert_bias_round_trips_through_resume(runs, tmp_path):
     """5 steps + stop + resume 5 equals 10 straight, bias included: were the fp32 expert bias not in
     the checkpoint, routing after the resume (and so the losses) would differ."""
-    checkpoint, _ = reference["deepseek_v3"]
-    common = [f"train.init_from={checkpoint}", "train.train_iters=10", "model.expert_bias_update_rate=0.05"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    torchrun(1, straight, f"train.output_dir={straight}", *common, config=CONFIGS["deepseek_v3"])
+    checkpoint = runs["deepseek_v3_init"].joinpath(*INIT)
+    common = [f"train.init_from={checkpoint}", *BIAS_RESUME]
+    straight, split = runs["bias_straight"], tmp_path / "split"
     torchrun(1, split, f"train.output_dir={split}", *common, "train.exit_interval=5", config=CONFIGS["deepseek_v3"])
     torchrun(1, split, f"train.output_dir={split}", *common, config=CONFIGS["deepseek_v3"])
     a, b = read_weights(straight, 0), read_weights(split, 0)
