@@ -30,7 +30,7 @@ def validate_layout(cfg: Config, world_size: int, have_te: bool) -> None:
         raise ConfigError(
             f"world size {world_size} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {model_parallel}"
         )
-    dp = world_size // model_parallel
+    dp = data_parallel_size(cfg, world_size)
     # Experts are tensor-parallel like the dense layers (megatron-core's default expert TP = tp).
     if (world_size // p.pp) % (p.ep * p.tp):
         raise ConfigError(
@@ -51,9 +51,11 @@ def validate_layout(cfg: Config, world_size: int, have_te: bool) -> None:
         )
     if m.ffn_hidden_size % p.tp:
         raise ConfigError(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}")
-    if p.vpp is not None:
-        if p.pp < 2:
-            raise ConfigError("parallel.vpp needs parallel.pp >= 2")
+    if p.vpp is not None and p.pp < 2:
+        raise ConfigError("parallel.vpp needs parallel.pp >= 2")
+    if p.first_stage_layers is not None or p.last_stage_layers is not None:
+        _check_uneven_pipeline(p, m.num_layers)
+    elif p.vpp is not None:
         if m.num_layers % (p.pp * p.vpp):
             raise ConfigError(
                 f"model.num_layers={m.num_layers} is not divisible by pp*vpp = {p.pp}*{p.vpp}"
@@ -64,8 +66,9 @@ def validate_layout(cfg: Config, world_size: int, have_te: bool) -> None:
         raise ConfigError("parallel.sequence_parallel needs parallel.tp >= 2")
     if p.sequence_parallel and d.seq_length % p.tp:
         raise ConfigError(f"data.seq_length={d.seq_length} is not divisible by parallel.tp={p.tp} (sequence parallel)")
-    if p.cp > 1 and not have_te:
-        raise ConfigError("parallel.cp > 1 needs Transformer Engine (megatron-core's local attention has no CP)")
+    if p.cp > 1:  # on every backend: the batch is not yet split across context-parallel ranks
+        raise ConfigError("parallel.cp > 1 needs Transformer Engine attention and a split of each sequence across "
+                          "context-parallel ranks, which megatron_mm does not do yet: use parallel.cp=1")
     if p.overlap_param_gather and not p.distributed_optimizer:
         raise ConfigError("parallel.overlap_param_gather needs parallel.distributed_optimizer=true")
     if t.global_batch_size % (t.micro_batch_size * dp):
@@ -93,6 +96,28 @@ def validate_layout(cfg: Config, world_size: int, have_te: bool) -> None:
         value = getattr(t, name)
         if value not in (None, "auto", "none") and not Path(value).is_dir():
             raise ConfigError(f"train.{name} checkpoint not found: {value}")
+
+
+def _check_uneven_pipeline(p, num_layers: int) -> None:
+    """megatron-core's num_layers_in_first/last_pipeline_stage rules: the stages not given split the
+    rest evenly, and with virtual stages every stage's count divides into its chunks."""
+    if p.pp < 2:
+        raise ConfigError("parallel.first_stage_layers / last_stage_layers need parallel.pp >= 2")
+    chunks = p.vpp or 1
+    given = {name: value for name, value in (("first_stage_layers", p.first_stage_layers),
+                                              ("last_stage_layers", p.last_stage_layers)) if value is not None}
+    for name, value in given.items():
+        if value < 1:
+            raise ConfigError(f"parallel.{name}={value} must be >= 1")
+        if value % chunks:
+            raise ConfigError(f"parallel.{name}={value} is not divisible by parallel.vpp={chunks}")
+    rest_layers, rest_stages = num_layers - sum(given.values()), p.pp - len(given)
+    split = ", ".join(f"parallel.{name}={value}" for name, value in given.items())
+    if rest_stages == 0 and rest_layers != 0 or rest_stages and (rest_layers < rest_stages * chunks
+                                                                  or rest_layers % (rest_stages * chunks)):
+        per = f"{rest_stages} other stage(s)" + (f" x vpp {chunks}" if chunks > 1 else "")
+        raise ConfigError(f"model.num_layers={num_layers} with {split} leaves {rest_layers} layers, which do not "
+                          f"split evenly over the {per} of parallel.pp={p.pp}")
 
 
 def _check_data(data) -> None:
