@@ -236,7 +236,3 @@ def apply_cpu_compat() -> None:
     mode.__enter__()
     _enter_mode_in_custom_backward(mode)
     _APPLIED = True
-
-
-def cpu_compat_applied() -> bool:
-    return _APPLIED
