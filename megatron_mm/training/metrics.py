@@ -64,8 +64,10 @@ class TrainingLogger:
         tflops = tokens_per_s * self.flops_per_token / self.num_devices / 1e12
         scalars = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                    "tflops_per_device": tflops}
+        # no norm: fp16's loss scaler found inf/nan gradients and skipped the update
+        norm = "skipped (fp16 overflow)" if grad_norm is None else f"{grad_norm:.3f}"
         line = (f"iter {iteration:>6}/{total_iters} | loss {loss:.4f} | lr {lr:.3e} | "
-                f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3g} TFLOP/s/device")
+                f"grad norm {norm} | {tokens_per_s:,.0f} tok/s | {tflops:.3g} TFLOP/s/device")
         if self.peak_tflops:
             scalars["mfu"] = tflops / self.peak_tflops
             line += f" | MFU {100 * scalars['mfu']:.1f}%"
