@@ -1,9 +1,14 @@
-"""Model family name -> the module that defines it. The only place that lists the families."""
+"""Model family name -> the module that defines it. The only place that lists the families.
+
+A family module defines CONFIG_CLASS (a DecoderConfig subclass: fields, TransformerConfig fields,
+layer spec, HuggingFace mapping). A family kept outside this package joins with
+`register_family(name, module)` before its config is read."""
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import types
 
 from megatron_mm.errors import ConfigError
 
@@ -23,12 +28,20 @@ FAMILIES = {
 }
 
 
+def register_family(name: str, module: types.ModuleType) -> None:
+    """Make `model.family=name` (and its HuggingFace architectures) resolve to `module`."""
+    if not hasattr(module, "CONFIG_CLASS"):
+        raise TypeError(f"family module {module.__name__} defines no CONFIG_CLASS")
+    FAMILIES[name] = module
+
+
 def family_module(name: str):
     if name not in FAMILIES:
         close = difflib.get_close_matches(str(name), FAMILIES, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown model.family '{name}'{hint} (supported: {', '.join(FAMILIES)})")
-    return importlib.import_module(FAMILIES[name])
+    module = FAMILIES[name]
+    return importlib.import_module(module) if isinstance(module, str) else module
 
 
 def family_config_class(name: str):
