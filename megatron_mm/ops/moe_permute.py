@@ -12,6 +12,7 @@ and otherwise the pure-torch `permute_reference` / `unpermute_reference`; both p
 one contract. Unpermute sums in float32 (float64 for float64 data) in ascending row order.
 """
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -22,6 +23,15 @@ except ImportError:
     _C = None
 
 HAVE_KERNEL = _C is not None
+
+# Range checks that read index values: on CUDA tensors each is a host sync per call, so there
+# they run only with MEGATRON_MM_DEBUG_CHECKS=1 (read once, at import); CPU tensors are always
+# checked (nothing to wait for).
+DEBUG_CHECKS = os.environ.get("MEGATRON_MM_DEBUG_CHECKS", "0") == "1"
+
+
+def _checks_values(tensor: torch.Tensor) -> bool:
+    return DEBUG_CHECKS or not tensor.is_cuda
 
 PermuteResult = Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]
 
@@ -37,6 +47,8 @@ def _check_routing(topk_indices: torch.Tensor, num_experts: int, capacity: Optio
         raise ValueError(f"moe_permute: capacity must be >= 0, got {capacity}")
     if topk_indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"moe_permute: topk_indices must be int32 or int64, got {topk_indices.dtype}")
+    if not _checks_values(topk_indices):
+        return
     num_invalid = int(((topk_indices < -1) | (topk_indices >= num_experts)).sum())
     if num_invalid:
         raise ValueError(
@@ -48,6 +60,14 @@ def _check_routing(topk_indices: torch.Tensor, num_experts: int, capacity: Optio
     if num_duplicate:
         raise ValueError(
             f"moe_permute: {num_duplicate} tokens choose the same expert more than once"
+        )
+
+
+def _check_row_map(row_map: torch.Tensor, num_tokens: int) -> None:
+    num_invalid = int(((row_map < -1) | (row_map >= num_tokens)).sum())
+    if num_invalid:
+        raise ValueError(
+            f"moe_unpermute: {num_invalid} row_map entries outside [-1, num_tokens={num_tokens})"
         )
 
 
@@ -64,7 +84,8 @@ def permute_reference(
     a row; topk_probs [T, K] optional; capacity: keep each expert's first `capacity` tokens in
     E*capacity padded rows. Returns (permuted [N, H], permuted_probs [N] or None, row_map [N]
     int64 source token of each row (-1 = padding), tokens_per_expert [E] int64 rows kept per
-    expert). Raises ValueError for out-of-range or repeated experts.
+    expert). Raises ValueError for out-of-range or repeated experts (checked on CUDA only with
+    DEBUG_CHECKS).
     """
     _check_routing(topk_indices, num_experts, capacity)
     top_k = topk_indices.shape[1]
@@ -105,13 +126,10 @@ def unpermute_reference(
 
     Rows with row_map -1 are skipped; the sum runs in float32 (float64 for float64 data) in
     ascending row order and is cast to the dtype of `permuted`. Raises ValueError for row_map
-    entries outside [-1, num_tokens).
+    entries outside [-1, num_tokens) (checked on CUDA only with DEBUG_CHECKS).
     """
-    num_invalid = int(((row_map < -1) | (row_map >= num_tokens)).sum())
-    if num_invalid:
-        raise ValueError(
-            f"moe_unpermute: {num_invalid} row_map entries outside [-1, num_tokens={num_tokens})"
-        )
+    if _checks_values(row_map):
+        _check_row_map(row_map, num_tokens)
     accum = _accum_dtype(permuted.dtype)
     is_row = row_map >= 0
     rows = permuted[is_row].to(accum)

@@ -258,3 +258,17 @@ def test_unpermute_rejects_bad_row_map(op):
     unpermute_fn = kernel_ops()[1] if op == "kernel" else unpermute_reference
     with pytest.raises(ValueError, match=r"1 row_map entries outside \[-1, num_tokens=4\)"):
         unpermute_fn(torch.ones(3, 2), torch.tensor([0, 4, -1]), 4)
+
+
+def test_debug_checks_switch_is_read_from_the_environment():
+    """MEGATRON_MM_DEBUG_CHECKS=1 turns on the value checks that cost a host sync on CUDA; CPU
+    tensors are checked either way (the rejection tests above run on CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "from megatron_mm.ops import moe_permute as m; import torch; print(m.DEBUG_CHECKS, m._checks_values(torch.zeros(1)))"
+    for value, expected in (("1", "True True"), ("0", "False True")):
+        env = {**os.environ, "MEGATRON_MM_DEBUG_CHECKS": value}
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == expected.split()
