@@ -5,12 +5,13 @@ only what makes the family itself."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
+from megatron_mm import megatron_settings
 from megatron_mm.models.layers.counts import ModelCounts, decoder_counts
 
 # Every tensor-parallel size up to 8 (a power of two) divides a padded vocabulary, so a checkpoint
@@ -39,14 +40,12 @@ class DecoderConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    backend: str = "auto"  # auto | te | local: where the layer modules come from (models/layers/backend.py)
+    megatron: dict[str, Any] = field(default_factory=dict)  # TransformerConfig fields (megatron_settings.py)
 
     # ---- what a family overrides -------------------------------------------------------------
     def family_transformer_fields(self) -> dict:
         """TransformerConfig fields that make this family (norm, activation, QK-norm, windows)."""
-        return {}
-
-    def backend_transformer_fields(self, use_te: bool) -> dict:
-        """TransformerConfig fields that depend on whether Transformer Engine is in use."""
         return {}
 
     def family_model_kwargs(self) -> dict:
@@ -58,21 +57,13 @@ class DecoderConfig:
 
         return TransformerConfig
 
-    def extra_model_kwargs(self, transformer_config, layer_spec, use_te: bool, vp_stage) -> dict:
+    def extra_model_kwargs(self, transformer_config, layer_spec, backend, vp_stage) -> dict:
         """GPTModel arguments that depend on the built config (e.g. the multi-token-prediction block)."""
         return {}
 
-    def layer_spec(self, transformer_config, use_te: bool, vp_stage=None):
+    def layer_spec(self, transformer_config, backend, vp_stage=None):
         """The megatron-core ModuleSpec of one decoder layer (or the block's layer specs)."""
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_local_spec,
-            get_gpt_layer_with_transformer_engine_spec,
-        )
-
-        qk_norm = transformer_config.qk_layernorm
-        if use_te:
-            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
-        return get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization=transformer_config.normalization)
+        return backend.gpt_layer_spec(transformer_config.qk_layernorm, transformer_config.normalization)
 
     def validate(self, parallel) -> list[str]:
         """Family-specific layout problems, one message each."""
@@ -93,10 +84,12 @@ class DecoderConfig:
         multiple = math.lcm(self.vocab_pad_multiple, VOCAB_TP_MULTIPLE)
         return -(-self.vocab_size // multiple) * multiple
 
-    def transformer_config(self, parallel, train, use_te: bool, batch_p2p_comm: bool):
+    def transformer_config(self, parallel, train, backend, batch_p2p_comm: bool):
         """The megatron-core TransformerConfig for this model under a parallel layout."""
-        bf16 = train.precision == "bf16" or (train.precision == "auto" and torch.cuda.is_available())
-        dtype = torch.bfloat16 if bf16 else torch.float32
+        precision = train.precision
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_available() else "fp32"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         recompute = {}
         if train.recompute == "full":
             recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -122,6 +115,8 @@ class DecoderConfig:
             tensor_model_parallel_size=parallel.tp,
             pipeline_model_parallel_size=parallel.pp,
             virtual_pipeline_model_parallel_size=parallel.vpp,
+            num_layers_in_first_pipeline_stage=parallel.first_stage_layers,
+            num_layers_in_last_pipeline_stage=parallel.last_stage_layers,
             context_parallel_size=parallel.cp,
             expert_model_parallel_size=parallel.ep,
             sequence_parallel=parallel.sequence_parallel,
@@ -129,23 +124,21 @@ class DecoderConfig:
             # precision
             params_dtype=dtype,
             pipeline_dtype=dtype,
-            bf16=bf16,
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
             # Per-token loss: every layout and micro-batch split averages over the same tokens.
             calculate_per_token_loss=True,
-            # Fused kernels come from TE/apex/CUDA; the torch paths run everywhere.
-            masked_softmax_fusion=use_te,
-            bias_activation_fusion=use_te,
-            bias_dropout_fusion=use_te,
-            apply_rope_fusion=use_te,
-            gradient_accumulation_fusion=use_te,
-            persist_layer_norm=False,
             **recompute,
         )
-        fields.update(self.family_transformer_fields())
-        fields.update(self.backend_transformer_fields(use_te))
-        return self.transformer_config_class()(**fields)
+        family = self.family_transformer_fields()
+        kernels = backend.transformer_fields(moe=bool(family.get("num_moe_experts")))
+        fields.update(kernels)
+        fields.update(family)
+        # model.megatron may override the backend's kernel choices, nothing else set here
+        return megatron_settings.transformer_config(self.transformer_config_class(), fields, self.megatron,
+                                                    self.family, overridable=kernels.keys() - family.keys())
 
-    def build(self, transformer_config, use_te: bool, pre_process: bool, post_process: bool, vp_stage=None):
+    def build(self, transformer_config, backend, pre_process: bool, post_process: bool, vp_stage=None):
         """One model chunk (a pipeline stage, or a virtual stage of one)."""
         from megatron.core.models.gpt import GPTModel
 
@@ -155,8 +148,8 @@ class DecoderConfig:
             share_embeddings_and_output_weights=self.tie_word_embeddings,
         )
         kwargs.update(self.family_model_kwargs())
-        spec = self.layer_spec(transformer_config, use_te, vp_stage)
-        kwargs.update(self.extra_model_kwargs(transformer_config, spec, use_te, vp_stage))
+        spec = self.layer_spec(transformer_config, backend, vp_stage)
+        kwargs.update(self.extra_model_kwargs(transformer_config, spec, backend, vp_stage))
         model = GPTModel(
             config=transformer_config,
             transformer_layer_spec=spec,
