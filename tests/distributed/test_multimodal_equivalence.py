@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_losses, read_weights, torchrun
+from conftest import case, read_losses, read_weights, run_cases, torchrun
 from test_parallel_equivalence import assert_same_losses
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
@@ -41,44 +41,49 @@ DENSE_LAYOUTS = ("tp2", "tp2_sp", "pp2", "tp2_pp2")
 CASES = [(model, layout) for model in ("llava", "qwen2_vl") for layout in DENSE_LAYOUTS] + [
     ("llava_resampler", "tp2"), ("llava_affine", "tp2"), ("qwen2_vl_moe", "ep2"), ("qwen2_vl_moe", "pp2"),
     ("qwen2_audio", "tp2_sp"), ("qwen2_audio", "pp2")]
-_single_rank_runs: dict[str, tuple[Path, dict[int, float]]] = {}
+RESUME = ("train.train_iters=6", "parallel.pp=2")  # the Qwen2-VL-style model, encoder on stage 0
 
 
-def single_rank(model: str, tmp_path_factory) -> tuple[Path, dict[int, float]]:
-    """(initial checkpoint, single-rank losses) of one model, run once per session."""
-    if model not in _single_rank_runs:
-        config, overrides = MODELS[model]
-        init = tmp_path_factory.mktemp(f"{model}_init")
-        torchrun(1, init, f"train.output_dir={init}", *overrides, config=config, flags=["--save-init"])
-        checkpoint = init / "checkpoints" / "iter_0000000"
-        out = tmp_path_factory.mktemp(f"{model}_single")
-        torchrun(1, out, f"train.output_dir={out}", f"train.init_from={checkpoint}", *overrides, config=config)
-        _single_rank_runs[model] = checkpoint, read_losses(out)
-    return _single_rank_runs[model]
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Per model initial weights saved by one rank and that rank's losses, the layouts from those
+    weights, and the 6 uninterrupted steps of the resume test: one launch per world size."""
+    cases = {}
+    for model, (config, overrides) in MODELS.items():
+        init, single = tmp_path_factory.mktemp(f"{model}_init"), tmp_path_factory.mktemp(f"{model}_single")
+        cases[f"{model}_init"] = case(1, init, f"train.output_dir={init}", *overrides, config=config,
+                                      flags=["--save-init"])
+        cases[f"{model}_single"] = case(1, single, f"train.output_dir={single}",
+                                        f"train.init_from={init / 'checkpoints' / 'iter_0000000'}", *overrides,
+                                        config=config)
+    for model, layout in CASES:
+        config, model_overrides = MODELS[model]
+        nproc, overrides = LAYOUTS[layout]
+        out = tmp_path_factory.mktemp(f"{model}_{layout}")
+        checkpoint = cases[f"{model}_init"].out / "checkpoints" / "iter_0000000"
+        cases[f"{model}_{layout}"] = case(nproc, out, f"train.output_dir={out}", f"train.init_from={checkpoint}",
+                                          *model_overrides, *overrides, config=config)
+    straight = tmp_path_factory.mktemp("resume_straight")
+    cases["resume_straight"] = case(2, straight, f"train.output_dir={straight}", *RESUME, config=MODELS["qwen2_vl"][0])
+    return run_cases(cases)
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_single_rank_learns(model, tmp_path_factory):
-    _, losses = single_rank(model, tmp_path_factory)
+def test_single_rank_learns(model, runs):
+    losses = read_losses(runs[f"{model}_single"])
     assert losses[5] < losses[1]
 
 
 @pytest.mark.parametrize("model, layout", CASES)
-def test_layout_matches_single_rank(model, layout, tmp_path, tmp_path_factory):
-    checkpoint, losses = single_rank(model, tmp_path_factory)
-    config, model_overrides = MODELS[model]
-    nproc, overrides = LAYOUTS[layout]
-    torchrun(nproc, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={checkpoint}", *model_overrides,
-             *overrides, config=config)
-    assert_same_losses(losses, read_losses(tmp_path))
+def test_layout_matches_single_rank(model, layout, runs):
+    assert_same_losses(read_losses(runs[f"{model}_single"]), read_losses(runs[f"{model}_{layout}"]))
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
+def test_resume_equals_uninterrupted_run(runs, tmp_path):
     """Qwen2-VL-style model at PP2 (encoder on stage 0): 6 steps straight equal 3 + stop + resume 3,
     losses and every weight bit for bit (the generated data is a function of the sample index)."""
-    config, six = MODELS["qwen2_vl"][0], ("train.train_iters=6", "parallel.pp=2")
-    straight, halves = tmp_path / "straight", tmp_path / "halves"
-    torchrun(2, straight, f"train.output_dir={straight}", *six, config=config)
+    config, six = MODELS["qwen2_vl"][0], RESUME
+    straight, halves = runs["resume_straight"], tmp_path / "halves"
     torchrun(2, halves, f"train.output_dir={halves}", *six, "train.exit_interval=3", config=config)
     torchrun(2, halves, f"train.output_dir={halves}", *six, config=config)  # resume=auto
     uninterrupted, resumed = read_losses(straight), read_losses(halves)
