@@ -26,20 +26,19 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import os
 import struct
 import tarfile
 import time
 import wave
-from collections import Counter, deque
+from collections import Counter
 from itertools import islice
-from typing import Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Iterator, NamedTuple, Sequence, Union
 
 import numpy
 
 from megatron_mm.data.indexed_format import INDEX_MAGIC
-from megatron_mm.data.preprocess import REPORTED_LOCATIONS, format_skipped, skip_counts
+from megatron_mm.data.preprocess import REPORTED_LOCATIONS, encode_in_order, format_skipped, skip_counts
 from megatron_mm.data.tokenizer import Tokenizer, build_tokenizer
 from megatron_mm.errors import UserError
 
@@ -76,7 +75,6 @@ SKIP_REASONS = {
 }
 
 ITEMS_PER_CHUNK = 64
-CHUNKS_IN_FLIGHT_PER_WORKER = 4
 
 
 class MediaRecord(NamedTuple):
@@ -286,35 +284,15 @@ def _split_on_markers(text: str) -> tuple[list[str], list[str]]:
 
 # --- workers (same bounded-window scheme as preprocess.py: order kept, memory bounded) ---------------------
 
-_worker_encoder: Optional[SampleEncoder] = None
+def _sample_encoder(tokenizer_type: str, tokenizer_model: str, append_eod: bool, media_format: str) -> SampleEncoder:
+    return SampleEncoder(build_tokenizer(tokenizer_type, tokenizer_model), append_eod, media_format)
 
 
-def _init_worker(tokenizer_type: str, tokenizer_model: str, append_eod: bool, media_format: str) -> None:
-    global _worker_encoder
-    _worker_encoder = SampleEncoder(build_tokenizer(tokenizer_type, tokenizer_model), append_eod, media_format)
-
-
-def _encode_chunk_in_worker(items: list[Item]) -> list[Union[str, MMSample]]:
-    return _worker_encoder.encode_chunk(items)
-
-
-def _encoded_chunks(located_items: Iterator[tuple[Location, Item]], encoder: SampleEncoder, workers: int,
-                    init_args: tuple) -> Iterator[tuple[list[Location], list[Union[str, MMSample]]]]:
-    """(locations, results) per chunk, in input order."""
-    chunks = (tuple(zip(*chunk)) for chunk in iter(lambda: list(islice(located_items, ITEMS_PER_CHUNK)), []))
-    if workers == 1:
-        for locations, items in chunks:
-            yield locations, encoder.encode_chunk(list(items))
-        return
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-        pending = deque()
-        for locations, items in chunks:
-            pending.append((locations, pool.apply_async(_encode_chunk_in_worker, (list(items),))))
-            if len(pending) >= CHUNKS_IN_FLIGHT_PER_WORKER * workers:
-                locations, result = pending.popleft()
-                yield locations, result.get()
-        for locations, result in pending:
-            yield locations, result.get()
+def _located_chunks(located_items: Iterator[tuple[Location, Item]]) -> Iterator[tuple[list[Location], list[Item]]]:
+    """(locations, items) per chunk of ITEMS_PER_CHUNK."""
+    while chunk := list(islice(located_items, ITEMS_PER_CHUNK)):
+        locations, items = zip(*chunk)
+        yield list(locations), list(items)
 
 
 # --- writing and reading the format --------------------------------------------------------------------------
@@ -527,7 +505,8 @@ def preprocess_mm(
         init_args = (tokenizer_type, tokenizer_model, append_eod, media_format)
         items = read_items(input_paths, input_format)
         with tqdm(unit="sample", desc="preprocess", disable=not progress) as bar:
-            for locations, results in _encoded_chunks(items, encoder, workers, init_args):
+            for locations, results in encode_in_order(_located_chunks(items), encoder, workers, _sample_encoder,
+                                                      init_args):
                 for location, result in zip(locations, results):
                     counts["items"] += 1
                     if isinstance(result, str):

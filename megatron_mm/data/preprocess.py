@@ -15,7 +15,7 @@ import os
 import time
 from collections import Counter, deque
 from itertools import islice
-from typing import BinaryIO, Iterator, Optional, Sequence, Union
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence, Union
 
 import numpy
 
@@ -92,46 +92,50 @@ class DocumentEncoder:
         return [self.encode_line(line) for line in lines]
 
 
-# Each pool worker builds its own encoder once (tokenizers are not shared across processes).
-_worker_encoder: Optional[DocumentEncoder] = None
-
-
-def _init_worker(tokenizer_type: str, tokenizer_model: str, json_keys: list[str], append_eod: bool) -> None:
-    global _worker_encoder
-    _worker_encoder = DocumentEncoder(build_tokenizer(tokenizer_type, tokenizer_model), json_keys, append_eod)
-
-
-def _encode_chunk_in_worker(lines: list[bytes]) -> list[LineResult]:
-    return _worker_encoder.encode_chunk(lines)
-
-
 def _read_chunks(source: BinaryIO, lines_per_chunk: int) -> Iterator[list[bytes]]:
     while chunk := list(islice(source, lines_per_chunk)):
         yield chunk
 
 
-def _encoded_chunks(
-    chunks: Iterator[list[bytes]], encoder: DocumentEncoder, workers: int, tokenizer_type: str, tokenizer_model: str
-) -> Iterator[tuple[int, list[LineResult]]]:
-    """(bytes in chunk, results) per chunk, in input order.
+# Each pool worker builds its own encoder once (tokenizers are not shared across processes).
+_worker_encoder = None
+
+
+def _init_worker(make_encoder: Callable, encoder_args: tuple) -> None:
+    global _worker_encoder
+    _worker_encoder = make_encoder(*encoder_args)
+
+
+def _encode_chunk_in_worker(chunk: list) -> list:
+    return _worker_encoder.encode_chunk(chunk)
+
+
+def encode_in_order(tagged_chunks: Iterator[tuple[object, list]], encoder, workers: int, make_encoder: Callable,
+                    encoder_args: tuple) -> Iterator[tuple[object, list]]:
+    """(tag, encoder.encode_chunk(chunk)) for each (tag, chunk), in input order. With workers > 1
+    the chunks are encoded in a process pool, each worker with its own make_encoder(*encoder_args).
 
     Pool.imap would read the whole input ahead into its task queue; a bounded window of
     apply_async calls keeps the same order with memory bounded by a few chunks per worker.
     """
     if workers == 1:
-        for chunk in chunks:
-            yield sum(map(len, chunk)), encoder.encode_chunk(chunk)
+        for tag, chunk in tagged_chunks:
+            yield tag, encoder.encode_chunk(chunk)
         return
-    init_args = (tokenizer_type, tokenizer_model, encoder.json_keys, encoder.append_eod)
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(make_encoder, encoder_args)) as pool:
         pending = deque()
-        for chunk in chunks:
-            pending.append((sum(map(len, chunk)), pool.apply_async(_encode_chunk_in_worker, (chunk,))))
+        for tag, chunk in tagged_chunks:
+            pending.append((tag, pool.apply_async(_encode_chunk_in_worker, (chunk,))))
             if len(pending) >= CHUNKS_IN_FLIGHT_PER_WORKER * workers:
-                chunk_bytes, result = pending.popleft()
-                yield chunk_bytes, result.get()
-        for chunk_bytes, result in pending:
-            yield chunk_bytes, result.get()
+                tag, result = pending.popleft()
+                yield tag, result.get()
+        for tag, result in pending:
+            yield tag, result.get()
+
+
+def _document_encoder(tokenizer_type: str, tokenizer_model: str, json_keys: list[str],
+                      append_eod: bool) -> DocumentEncoder:
+    return DocumentEncoder(build_tokenizer(tokenizer_type, tokenizer_model), json_keys, append_eod)
 
 
 def preprocess_jsonl(
@@ -211,8 +215,9 @@ def _write_documents(
     with open(input_path, "rb") as source, tqdm(
         total=os.path.getsize(input_path), unit="B", unit_scale=True, desc="preprocess", disable=not progress
     ) as bar:
-        chunks = _read_chunks(source, lines_per_chunk)
-        for chunk_bytes, chunk_results in _encoded_chunks(chunks, encoder, workers, tokenizer_type, tokenizer_model):
+        chunks = ((sum(map(len, chunk)), chunk) for chunk in _read_chunks(source, lines_per_chunk))
+        encoder_args = (tokenizer_type, tokenizer_model, encoder.json_keys, encoder.append_eod)
+        for chunk_bytes, chunk_results in encode_in_order(chunks, encoder, workers, _document_encoder, encoder_args):
             for line_result in chunk_results:
                 lines += 1
                 if isinstance(line_result, str):
