@@ -18,10 +18,12 @@ import torch
 
 from megatron_mm.config import Config
 from megatron_mm.data.epochs import ReshuffledEpochs, epoch_request
+from megatron_mm.data.mm_training import TEXT_KEYS
 
-# Stacked per sample; every other key of a sample is media (images, patches, audio features) with a
-# leading item dimension, concatenated over the micro-batch (models/multimodal.py reads them).
-BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+# Stacked per sample: a training sequence's text keys; every other key of a sample is media (images,
+# patches, audio features) with a leading item dimension, concatenated over the micro-batch
+# (models/multimodal.py reads them).
+BATCH_KEYS = TEXT_KEYS
 
 
 def build_datasets(cfg: Config, tokenizer, num_samples: tuple[int, int, int]):
