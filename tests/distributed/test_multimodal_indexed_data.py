@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_losses, torchrun
+from conftest import case, read_losses, run_cases
 from test_parallel_equivalence import assert_same_losses
 
 CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny_qwen2_vl.yaml"
@@ -39,24 +39,32 @@ def indexed_data(tmp_path_factory) -> list[str]:
             "model.image_token_id=383", "data.seq_length=64", "model.max_position_embeddings=64"]
 
 
+LAYOUTS = {"pp2": ["parallel.pp=2"], "tp2": ["parallel.tp=2"]}
+
+
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, indexed_data) -> tuple[Path, dict[int, float]]:
-    init = tmp_path_factory.mktemp("init")
-    torchrun(1, init, f"train.output_dir={init}", *indexed_data, config=CONFIG, flags=["--save-init"])
-    checkpoint = init / "checkpoints" / "iter_0000000"
-    out = tmp_path_factory.mktemp("single")
-    torchrun(1, out, f"train.output_dir={out}", f"train.init_from={checkpoint}", *indexed_data, config=CONFIG)
-    return checkpoint, read_losses(out)
+def runs(tmp_path_factory, indexed_data):
+    """Initial weights saved by one rank, that rank's losses and the layouts' from them: one launch
+    per world size."""
+    out = {name: tmp_path_factory.mktemp(name) for name in ("init", "single", *LAYOUTS)}
+    checkpoint = out["init"] / "checkpoints" / "iter_0000000"
+    cases = {
+        "init": case(1, out["init"], f"train.output_dir={out['init']}", *indexed_data, config=CONFIG,
+                     flags=["--save-init"]),
+        "single": case(1, out["single"], f"train.output_dir={out['single']}", f"train.init_from={checkpoint}",
+                       *indexed_data, config=CONFIG),
+    }
+    for name, overrides in LAYOUTS.items():
+        cases[name] = case(2, out[name], f"train.output_dir={out[name]}", f"train.init_from={checkpoint}",
+                           *indexed_data, *overrides, config=CONFIG)
+    return run_cases(cases)
 
 
-def test_trains_on_indexed_data(single):
-    _, losses = single
+def test_trains_on_indexed_data(runs):
+    losses = read_losses(runs["single"])
     assert len(losses) == 5 and losses[5] < losses[1]
 
 
-@pytest.mark.parametrize("overrides", [["parallel.pp=2"], ["parallel.tp=2"]], ids=["pp2", "tp2"])
-def test_layout_matches_single_rank(overrides, tmp_path, indexed_data, single):
-    checkpoint, losses = single
-    torchrun(2, tmp_path, f"train.output_dir={tmp_path}", f"train.init_from={checkpoint}", *indexed_data, *overrides,
-             config=CONFIG)
-    assert_same_losses(losses, read_losses(tmp_path))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_matches_single_rank(layout, runs):
+    assert_same_losses(read_losses(runs["single"]), read_losses(runs[layout]))
