@@ -68,7 +68,7 @@ def _compare(args, checkpoint: Path, world: int) -> int:
 
     import torch
 
-    from megatron_mm.checkpoint.hf_parity import hf_logits, logit_difference, our_logits
+    from megatron_mm.training.hf_parity import hf_logits, logit_difference, our_logits
 
     vocab = _vocab_size(checkpoint)
     generator = torch.Generator().manual_seed(args.seed)

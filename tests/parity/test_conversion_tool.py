@@ -129,7 +129,7 @@ def test_sharded_checkpoints_in_and_out(tmp_path):
     from transformers import LlamaConfig
 
     from megatron_mm.checkpoint.hf import export_hf
-    from megatron_mm.checkpoint.hf_parity import hf_model
+    from megatron_mm.training.hf_parity import hf_model
 
     config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)

@@ -72,7 +72,7 @@ def _hf_logits(hf_dir, sample) -> torch.Tensor:
 @pytest.mark.parametrize("tower, language, tie", [("clip", "llama", False), ("siglip", "qwen2", True)])
 def test_llava_logits_match_transformers(tower, language, tie, tmp_path):
     from megatron_mm.checkpoint.hf import export_hf, import_hf
-    from megatron_mm.checkpoint.hf_parity import logit_difference, our_logits
+    from megatron_mm.training.hf_parity import logit_difference, our_logits
     from megatron_mm.config import load_config
 
     hf_dir = _tiny_model(_hf_config(tower, language, tie), tmp_path / "hf")

@@ -82,7 +82,7 @@ def train_steps(checkpoint, rows, out, nproc: int, *overrides: str) -> list[floa
 def test_training_loss_leaves_out_padded_logits(imported, tmp_path):
     """The loss training computes (megatron-core's vocab-parallel cross entropy over the padded
     vocabulary) equals transformers' over the real one, and TP2 trains as one rank does."""
-    from megatron_mm.checkpoint.hf_parity import cross_entropy, hf_logits
+    from megatron_mm.training.hf_parity import cross_entropy, hf_logits
 
     hf_dir, checkpoint = imported(llama3(1001))
     rows = torch.randint(0, 1001, (4, 33), generator=torch.Generator().manual_seed(2))

@@ -75,7 +75,7 @@ def _hf_logits(hf_dir, sample) -> torch.Tensor:
 @pytest.mark.parametrize("language", ["qwen2", "llama"])
 def test_qwen2_audio_logits_match_transformers(language, tmp_path):
     from megatron_mm.checkpoint.hf import export_hf, import_hf
-    from megatron_mm.checkpoint.hf_parity import logit_difference, our_logits
+    from megatron_mm.training.hf_parity import logit_difference, our_logits
     from megatron_mm.config import load_config
 
     hf_dir = _tiny_model(_hf_config(language), tmp_path / "hf")

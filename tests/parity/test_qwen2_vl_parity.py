@@ -86,7 +86,7 @@ def _hf_logits(hf_dir, sample) -> torch.Tensor:
 @pytest.mark.parametrize("variant, tie", [("qwen2_vl", False), ("qwen2_5_vl", True)])
 def test_qwen2_vl_logits_match_transformers(variant, tie, tmp_path):
     from megatron_mm.checkpoint.hf import export_hf, import_hf
-    from megatron_mm.checkpoint.hf_parity import logit_difference, our_logits
+    from megatron_mm.training.hf_parity import logit_difference, our_logits
     from megatron_mm.config import load_config
 
     hf_dir = _tiny_model(_hf_config(variant, tie), tmp_path / "hf")
@@ -140,7 +140,7 @@ def _tp2_logits(checkpoint: Path, sample: Path, output: Path) -> torch.Tensor:
 def _tp2_main(checkpoint: str, sample_path: str, output: str) -> None:
     """One of the two TP ranks (under torch.distributed.run)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from megatron_mm.checkpoint.hf_parity import our_logits
+    from megatron_mm.training.hf_parity import our_logits
 
     sample = torch.load(sample_path)
     logits = our_logits(checkpoint, sample["tokens"], tp=2, media=sample["media"], position_ids=sample["positions"])

@@ -104,7 +104,7 @@ def test_scratch_run_exports_the_unpadded_model(scratch_run, tmp_path):
     """The run's embedding is padded (300 -> 384 rows); the export is the 300-entry model, and
     transformers computes our logits with it."""
     from megatron_mm.checkpoint.hf import export_hf, resolve_checkpoint
-    from megatron_mm.checkpoint.hf_parity import hf_logits, logit_difference, our_logits
+    from megatron_mm.training.hf_parity import hf_logits, logit_difference, our_logits
     from megatron_mm.config import load_config
 
     run, sentencepiece_model = scratch_run

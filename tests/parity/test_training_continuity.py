@@ -22,7 +22,7 @@ def test_import_train_export(imported, tmp_path):
     from transformers import Qwen3Config
 
     from megatron_mm.checkpoint.hf import export_hf
-    from megatron_mm.checkpoint.hf_parity import cross_entropy, hf_model, our_logits
+    from megatron_mm.training.hf_parity import cross_entropy, hf_model, our_logits
 
     config = Qwen3Config(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)

@@ -87,7 +87,7 @@ def _main(out: Path) -> None:
     from safetensors import safe_open
 
     from megatron_mm.checkpoint.hf import export_hf, import_hf
-    from megatron_mm.checkpoint.hf_parity import our_logits
+    from megatron_mm.training.hf_parity import our_logits
     from megatron_mm.config import load_config
     from megatron_mm.models.registry import register_family
     from megatron_mm.runtime import destroy_distributed
