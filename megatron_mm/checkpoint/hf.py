@@ -313,7 +313,7 @@ def _run_config(model_cfg, tp: int, pp: int, ep: int):
     check = dataclasses.replace(cfg, data=dataclasses.replace(data, mock=True),
                                 train=dataclasses.replace(cfg.train, global_batch_size=world // (tp * pp)))
     try:
-        validate_layout(check, world, select_backend(model_cfg.backend).uses_te)
+        validate_layout(check, world)
     except ConfigError as err:
         raise HFConversionError(f"layout tp={tp} pp={pp} ep={ep}: {err}") from None
     return cfg

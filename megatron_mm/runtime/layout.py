@@ -19,7 +19,7 @@ def smallest_world_size(tp: int, pp: int, ep: int) -> int:
     return pp * tp * ep
 
 
-def validate_layout(cfg: Config, world_size: int, have_te: bool) -> None:
+def validate_layout(cfg: Config, world_size: int) -> None:
     """Raise ConfigError with one line naming the first problem found."""
     p, m, t, d = cfg.parallel, cfg.model, cfg.train, cfg.data
     for name in ("tp", "pp", "cp", "ep"):

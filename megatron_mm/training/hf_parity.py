@@ -65,7 +65,7 @@ def our_logits(checkpoint: str | Path, tokens: torch.Tensor, tp: int = 1, pp: in
         "train.init_from=null", "train.resume=none",
     ])
     backend = select_backend(cfg.model.backend)
-    validate_layout(cfg, world, backend.uses_te)
+    validate_layout(cfg, world)
     init_distributed(tp, pp, None, 1, ep)
     try:
         set_seed(cfg.train.seed)

@@ -28,11 +28,11 @@ def check_config(cfg: Config, world_size: int):
     """The checks that need no process group (layout, tokenizer, vocabulary, task): every rank finds
     the same problem. Returns (tokenizer or None for mock data, the layer backend)."""
     backend = select_backend(cfg.model.backend)
-    validate_layout(cfg, world_size, backend.uses_te)
+    validate_layout(cfg, world_size)
     build_task(cfg.train.task)
     tokenizer = None if cfg.data.mock else build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     _resolve_vocab_size(cfg, tokenizer)
-    validate_layout(cfg, world_size, backend.uses_te)  # again, now that the vocabulary size is known
+    validate_layout(cfg, world_size)  # again, now that the vocabulary size is known
     megatron_settings.check_passthrough(cfg, backend)
     return tokenizer, backend
 

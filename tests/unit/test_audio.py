@@ -334,7 +334,7 @@ def test_layout_problems_name_the_audio_field():
             (1, ["model.max_position_embeddings=20", "data.seq_length=20"], "leaves no room for text"),
             (1, ["model.audio_token_id=300"], "model.audio_token_id=300 is outside the vocabulary")):
         with pytest.raises(ConfigError) as err:
-            validate_layout(load_config(TINY_AUDIO_LM, overrides), world, have_te=False)
+            validate_layout(load_config(TINY_AUDIO_LM, overrides), world)
         assert message in str(err.value)
 
 

@@ -81,11 +81,11 @@ def test_every_example_config_loads(name):
 def test_layout_errors(world, overrides, message):
     cfg = load_config(TINY, overrides)
     with pytest.raises(ConfigError) as err:
-        validate_layout(cfg, world, have_te=False)
+        validate_layout(cfg, world)
     assert message in str(err.value)
 
 
 def test_valid_layouts_pass():
     for world, overrides in [(1, []), (4, ["parallel.tp=2", "parallel.pp=2"]), (2, ["parallel.pp=2", "parallel.vpp=2"]),
                              (2, ["parallel.tp=2", "parallel.sequence_parallel=true"])]:
-        validate_layout(load_config(TINY, overrides), world, have_te=False)
+        validate_layout(load_config(TINY, overrides), world)

@@ -140,7 +140,7 @@ def test_megatron_lm_names_point_to_our_keys(override, message):
 ])
 def test_uneven_pipeline_errors(world, overrides, message):
     with pytest.raises(ConfigError) as err:
-        validate_layout(load_config(TINY, overrides), world, have_te=False)
+        validate_layout(load_config(TINY, overrides), world)
     assert message in str(err.value)
 
 
@@ -148,7 +148,7 @@ def test_uneven_pipeline_layouts_pass():
     for world, overrides in [(2, ["parallel.pp=2", "parallel.first_stage_layers=3"]),
                              (3, ["parallel.pp=3", "parallel.first_stage_layers=2", "parallel.last_stage_layers=1"]),
                              (2, ["parallel.pp=2", "parallel.last_stage_layers=1"])]:
-        validate_layout(load_config(TINY, overrides), world, have_te=False)
+        validate_layout(load_config(TINY, overrides), world)
 
 
 def _built_model_main(config_path: str) -> None:

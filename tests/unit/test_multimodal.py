@@ -53,7 +53,7 @@ def test_llama_hf_architecture_still_maps_to_llama():
 ])
 def test_layout_problems_name_the_field(world, overrides, message):
     with pytest.raises(ConfigError) as err:
-        validate_layout(load_config(TINY_LLAVA, overrides), world, have_te=False)
+        validate_layout(load_config(TINY_LLAVA, overrides), world)
     assert message in str(err.value)
 
 

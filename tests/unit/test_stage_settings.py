@@ -44,7 +44,7 @@ def test_lr_mult_syntax():
 
 def test_bad_lr_mult_is_a_layout_error():
     with pytest.raises(ConfigError, match="'projector' is not pattern=multiplier"):
-        validate_layout(load_config(TINY_LLAVA, ["train.lr_mult=[projector]"]), 1, have_te=False)
+        validate_layout(load_config(TINY_LLAVA, ["train.lr_mult=[projector]"]), 1)
 
 
 def test_freeze_matches_parameter_names_and_first_rule_wins():
@@ -86,7 +86,7 @@ def test_stage1_example_freezes_encoder_and_language_model():
     cfg = load_config(STAGE1)
     assert cfg.model.family == load_config(TINY_LLAVA).model.family
     assert sorted(cfg.train.freeze) == ["encoders.image.encoder.*", "language_model.*"]
-    validate_layout(cfg, 1, have_te=False)
+    validate_layout(cfg, 1)
 
 
 def _run_training_checks() -> dict:
