@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import torch
 
 from megatron_mm.ops.expert_bias import update_expert_bias_
+from megatron_mm.runtime.device import compute_device
 from megatron_mm.runtime.model_chunks import unwrap
 
 
@@ -44,7 +45,7 @@ class ExpertBalancing:
         self.counts_drops = not transformer_config.moe_pad_expert_input_to_capacity
         num_experts = transformer_config.num_moe_experts or 0
         # On the device the collective runs on (NCCL reduces CUDA tensors only).
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = compute_device()
         self._kept = torch.zeros(len(self.routers), num_experts, device=device)
         self._routed = torch.zeros(len(self.routers), device=device)
         for index, (_, router) in enumerate(self.routers):

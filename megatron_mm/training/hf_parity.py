@@ -11,6 +11,7 @@ import torch
 from megatron_mm.config import load_config
 from megatron_mm.models.layers.backend import select_backend
 from megatron_mm.runtime import destroy_distributed, init_distributed, set_seed, validate_layout
+from megatron_mm.runtime.device import compute_device
 from megatron_mm.runtime.layout import smallest_world_size
 from megatron_mm.training.setup import build_from_checkpoint
 
@@ -72,7 +73,7 @@ def our_logits(checkpoint: str | Path, tokens: torch.Tensor, tp: int = 1, pp: in
         model = build_from_checkpoint(cfg, backend, checkpoint, train=False).chunks
         for chunk in model:
             chunk.eval()
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = compute_device()
         tokens_dev = tokens.to(device)
         if position_ids is None:
             positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, -1)

@@ -22,6 +22,7 @@ import fnmatch
 import torch
 
 from megatron_mm.config import ConfigError, parse_lr_mults
+from megatron_mm.runtime.device import compute_device
 from megatron_mm.training.transforms import ModelTransform, apply_transforms, optimizer_overrides
 
 
@@ -97,7 +98,7 @@ def _rule_attribute(index: int) -> str:
 
 
 def _summed_over_ranks(counts: list[int]) -> list[float]:
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL reduces CUDA tensors
+    device = compute_device()
     total = torch.tensor(counts, dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)

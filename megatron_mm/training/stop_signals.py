@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from megatron_mm.runtime.device import compute_device
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 REPEAT_GRACE_S = 1.0
 
@@ -52,7 +54,7 @@ class StopSignals:
         local = int(self.received or 0)
         if not torch.distributed.is_initialized():
             return self.received
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = compute_device()
         flag = torch.tensor([local], dtype=torch.int32, device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         agreed = int(flag.item())

@@ -13,6 +13,7 @@ import functools
 
 import torch
 
+from megatron_mm.runtime.device import compute_device
 from megatron_mm.training.batches import BATCH_KEYS
 
 LOSS_REPORT = "loss"
@@ -39,7 +40,7 @@ class Task:
 
 
 def batch_to_device(batch: dict) -> dict:
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    device = compute_device()
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
