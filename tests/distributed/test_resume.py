@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, read_losses, read_weights, torchrun
+from conftest import TINY_CONFIG, case, read_losses, read_weights, run_cases, torchrun
 from megatron_mm.runtime.distributed import free_port
 from test_parallel_equivalence import RELATIVE_TOLERANCE
 
@@ -25,21 +25,26 @@ SAME_LAYOUT = ("parallel.tp=2",)
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, init_checkpoint):
-    """10 uninterrupted steps at TP=2."""
-    out = tmp_path_factory.mktemp("straight")
-    torchrun(2, out, f"train.output_dir={out}", f"train.init_from={init_checkpoint}", *TEN_STEPS, *SAME_LAYOUT,
-             save=True)  # its closing checkpoint is checked below
-    return out
+def uninterrupted_and_stopped(tmp_path_factory, init_checkpoint):
+    """10 uninterrupted steps at TP=2, and the same run stopped after step 5 (checkpoint saved at
+    5): one launch."""
+    straight, first_half = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("first_half")
+    common = [f"train.init_from={init_checkpoint}", *TEN_STEPS, *SAME_LAYOUT]
+    return run_cases({
+        "straight": case(2, straight, f"train.output_dir={straight}", *common,
+                         save=True),  # its closing checkpoint is checked below
+        "first_half": case(2, first_half, f"train.output_dir={first_half}", *common, "train.exit_interval=5"),
+    })
 
 
 @pytest.fixture(scope="module")
-def first_half(tmp_path_factory, init_checkpoint):
-    """The same run stopped after step 5 (checkpoint saved at 5)."""
-    out = tmp_path_factory.mktemp("first_half")
-    torchrun(2, out, f"train.output_dir={out}", f"train.init_from={init_checkpoint}", *TEN_STEPS, *SAME_LAYOUT,
-             "train.exit_interval=5")
-    return out
+def straight(uninterrupted_and_stopped):
+    return uninterrupted_and_stopped["straight"]
+
+
+@pytest.fixture(scope="module")
+def first_half(uninterrupted_and_stopped):
+    return uninterrupted_and_stopped["first_half"]
 
 
 def assert_close(expected: dict, actual: dict, steps, rel_tol: float) -> None:
