@@ -48,16 +48,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from megatron_mm.checkpoint.hf import export_hf, import_hf
+    from megatron_mm.checkpoint.hf import export_hf, import_hf, resolve_checkpoint
     from megatron_mm.checkpoint.streaming import parse_size
+    from megatron_mm.config import load_config
     from megatron_mm.errors import UserError
+    from megatron_mm.training.setup import model_transforms
 
     try:
         if args.verb == "import-hf":
             path = import_hf(args.hf_dir, args.output, tp=args.tp, pp=args.pp, ep=args.ep, fresh_mtp=args.fresh_mtp)
         else:
             dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-            path = export_hf(args.checkpoint, args.output, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size))
+            transforms = model_transforms(load_config(resolve_checkpoint(args.checkpoint) / "config.yaml"))
+            path = export_hf(args.checkpoint, args.output, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size),
+                             transforms=transforms)
     except (UserError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -52,12 +52,19 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def _model_state(model) -> dict:
+def _model_state(model, transforms=()) -> dict:
+    """Each chunk's sharded state dict as the model transforms (training/transforms.py) store it."""
     from megatron.core import parallel_state
 
     # Tied copies (MTP's embedding on the last stage, TE layers) deduplicate over this group.
     metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
-    return {f"model{i}": unwrap(chunk).sharded_state_dict(metadata=metadata) for i, chunk in enumerate(model)}
+    state = {}
+    for i, chunk in enumerate(model):
+        chunk_state = unwrap(chunk).sharded_state_dict(metadata=metadata)
+        for transform in transforms:
+            chunk_state = transform.checkpoint_state(chunk_state)
+        state[f"model{i}"] = chunk_state
+    return state
 
 
 def _optimizer_state(optimizer, model_state: dict, is_loading: bool) -> dict:
@@ -73,7 +80,7 @@ def _optimizer_state(optimizer, model_state: dict, is_loading: bool) -> dict:
 
 def save_checkpoint(
     output_dir: str | Path, state: TrainState, model, optimizer, scheduler, config_dict: dict,
-    hf_files: Optional[Path] = None,
+    hf_files: Optional[Path] = None, transforms=(),
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory.
 
@@ -92,7 +99,7 @@ def save_checkpoint(
         staging.mkdir()
     _barrier()
 
-    model_state = _model_state(model)
+    model_state = _model_state(model, transforms)
     sharded = dict(model_state)
     sharded["optimizer"] = _optimizer_state(optimizer, model_state, is_loading=False)
     sharded["scheduler"] = scheduler.state_dict()  # common (non-sharded) state: written by rank 0
@@ -208,7 +215,8 @@ def read_train_state(path: str | Path) -> TrainState:
     return TrainState(**json.loads((Path(path) / TRAIN_STATE_FILE).read_text()))
 
 
-def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, layout: Optional[dict] = None):
+def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, layout: Optional[dict] = None,
+                    transforms=()):
     """Load into the (possibly differently sharded) model; optimizer and scheduler when given.
 
     Returns the saved TrainState. RNG states are restored only when `layout` equals the saving
@@ -224,7 +232,7 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, lay
         raise UserError(f"cannot resume {path}: without Apex or Transformer Engine, megatron-core's distributed "
                         f"optimizer does not restore its Adam state; start from its weights with "
                         f"train.init_from={path} train.resume=none")
-    model_state = _model_state(model)
+    model_state = _model_state(model, transforms)
     sharded = dict(model_state)
     if optimizer is not None:
         sharded["optimizer"] = _optimizer_state(optimizer, model_state, is_loading=True)

@@ -342,8 +342,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def export_hf(checkpoint: str | Path, output: str | Path, dtype: Optional[torch.dtype] = None,
-              max_shard_bytes: int = 5 << 30) -> Path:
-    """Our dist-checkpoint (any layout) -> HuggingFace safetensors shards + config + tokenizer files."""
+              max_shard_bytes: int = 5 << 30, transforms=()) -> Path:
+    """Our dist-checkpoint (any layout) -> HuggingFace safetensors shards + config + tokenizer files.
+    `transforms`: the run's model transforms (training.setup.model_transforms), which may change the
+    conversion rules."""
     from megatron_mm.config import load_config
 
     checkpoint, output = resolve_checkpoint(checkpoint), Path(output)
@@ -373,7 +375,8 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: Optional[torch.
                 from transformers import GenerationConfig
 
                 GenerationConfig(**special_ids).save_pretrained(staging)
-        out_dtype = _export_weights(checkpoint, model_cfg, staging, dtype or _config_dtype(hf_config), max_shard_bytes)
+        out_dtype = _export_weights(checkpoint, model_cfg, staging, dtype or _config_dtype(hf_config), max_shard_bytes,
+                                    transforms)
     except Exception:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -387,13 +390,15 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: Optional[torch.
 
 
 def _export_weights(checkpoint: Path, model_cfg, staging: Path, dtype: Optional[torch.dtype],
-                    max_shard_bytes: int) -> torch.dtype:
+                    max_shard_bytes: int, transforms=()) -> torch.dtype:
     """The HuggingFace tensors of our checkpoint, written as safetensors shards in `dtype` (default:
     the checkpoint's); returns the dtype written."""
     with single_rank():
         reader = CheckpointReader(checkpoint)
         entries = tensor_entries(meta_state_dict(model_cfg, reader.main_dtype))
         rules = checked_rules(model_cfg, entries)
+        for transform in transforms:
+            rules = transform.export_rules(rules)
         out_dtype = dtype or reader.main_dtype
         plan = [PlannedTensor(name, out_dtype, tuple(tensor.shape))
                 for rule in rules for name, tensor in zip(rule.hf, rule.to_hf(entries[rule.ours][1].data))]

@@ -54,6 +54,7 @@ class Trainer:
     dp_size: int
     expert_balancing: ExpertBalancing
     task: Task
+    transforms: list  # the model transforms applied after build (they say how checkpoints hold them)
     stop_signals: StopSignals = field(default_factory=StopSignals)  # installed while train() runs
     iteration: int = 0
     saved_iteration: Optional[int] = None  # the iteration of the checkpoint this run last wrote or resumed
@@ -87,7 +88,7 @@ def setup(cfg: Config) -> Trainer:
     fused_bias_update = getattr(cfg.model, "expert_bias_update", None) == "fused_kernel"  # MoE families only
     balancing = ExpertBalancing(built.chunks, built.transformer_config, fused_update=fused_bias_update)
     trainer = Trainer(cfg, built.chunks, built.optimizer, built.scheduler, built.transformer_config, train_ds,
-                      valid_ds, dp_rank, dp_size, balancing, build_task(t.task))
+                      valid_ds, dp_rank, dp_size, balancing, build_task(t.task), built.transforms)
     if built.resumed is not None:
         _report_resume(trainer, resume_from, built.resumed)
     elif t.init_from:
@@ -318,7 +319,7 @@ def save(trainer: Trainer, announce: bool = True) -> Path:
     state = TrainState(trainer.iteration, trainer.iteration * t.global_batch_size, trainer.layout)
     hf_files = Path(t.init_from) / "hf" if t.init_from else None  # from an import-hf checkpoint
     path = save_checkpoint(t.output_dir, state, trainer.model, trainer.optimizer, trainer.scheduler,
-                           trainer.cfg.to_dict(), hf_files=hf_files)
+                           trainer.cfg.to_dict(), hf_files=hf_files, transforms=trainer.transforms)
     trainer.saved_iteration = trainer.iteration
     if announce:
         _print_rank0(f"saved checkpoint {path}")

@@ -94,7 +94,7 @@ def build_from_checkpoint(cfg: Config, backend, checkpoint: str | Path | None = 
     if resume:
         built.resumed = _resume(cfg, built, checkpoint)
     else:
-        load_checkpoint(checkpoint, built.chunks)
+        load_checkpoint(checkpoint, built.chunks, transforms=built.transforms)
         if built.optimizer is not None:
             # Mixed precision: the optimizer's fp32 main params were copied from the random init;
             # without this the first step would overwrite the loaded weights with them.
@@ -108,7 +108,7 @@ def _resume(cfg: Config, built: BuiltModel, checkpoint) -> TrainState:
     # The optimizer's param groups carry their peak and minimum lr: a checkpoint's would win.
     configured = [(group["max_lr"], group["min_lr"]) for group in built.optimizer.param_groups]
     layout = run_layout(cfg, ps.get_data_parallel_world_size())
-    state = load_checkpoint(checkpoint, built.chunks, built.optimizer, built.scheduler, layout)
+    state = load_checkpoint(checkpoint, built.chunks, built.optimizer, built.scheduler, layout, built.transforms)
     if cfg.train.resume_schedule == "config":  # (the load replaced the group dicts)
         for group, (max_lr, min_lr) in zip(built.optimizer.param_groups, configured):
             group["max_lr"], group["min_lr"] = max_lr, min_lr

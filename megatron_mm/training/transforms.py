@@ -2,9 +2,9 @@
 chunks before DistributedDataParallel wraps them (training/setup.py builds the list from config).
 
 A transform may also give the optimizer param-group overrides, and says how its parameters are
-saved and loaded (the model's sharded state dict as a checkpoint holds it) and exported (the
-HuggingFace tensors). Freezing and learning-rate multipliers (training/stages.py) change no
-parameter: they keep the defaults, the model's own state and tensors.
+saved and loaded (the model's sharded state dict as checkpoint/dist_ckpt.py saves and loads it) and
+exported (the conversion rules checkpoint/hf.py exports with). Freezing and learning-rate
+multipliers (training/stages.py) change no parameter: they keep the model's own state and rules.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ class ModelTransform:
         return {}
 
     def checkpoint_state(self, sharded_state_dict: dict) -> dict:
-        """The model's sharded state dict as a checkpoint saves and loads it."""
+        """One model chunk's sharded state dict as a checkpoint saves and loads it."""
         return sharded_state_dict
 
-    def export_tensors(self, tensors: dict) -> dict:
-        """HuggingFace tensors by name, as an export writes them."""
-        return tensors
+    def export_rules(self, rules: list) -> list:
+        """The family's HuggingFace conversion rules (checkpoint/hf_rules.py) as an export applies them."""
+        return rules
 
 
 def apply_transforms(chunks: list, transforms: list[ModelTransform]) -> None:
