@@ -148,13 +148,11 @@ def expand_sample(
     position_ids_fn: Optional[PositionIdsFn] = None,
     max_length: Optional[int] = None,
     pad_token_id: int = 0,
-    prompt_end_id: Optional[int] = None,
 ) -> dict[str, torch.Tensor]:
     """One sample alone: `tokens` [S] with expanded placeholders, `labels`, `loss_mask`,
     `position_ids` ([S] or [3, S]) and the processors' media tensors (items concatenated per key).
 
     max_length: keep only the first tokens (callers never cut through placeholders).
-    prompt_end_id: no loss on labels up to and including the first such token (the prompt).
     """
     text = torch.from_numpy(sample.tokens.astype(numpy.int64))
     all_ids = torch.tensor(sorted(set(placeholder_ids.values())))
@@ -174,10 +172,6 @@ def expand_sample(
     labels = torch.cat([tokens[1:], tokens.new_full((1,), pad_token_id)])
     loss_mask = (~torch.isin(labels, all_ids)).float()
     loss_mask[-1] = 0.0  # the sample's last token has no next token
-    if prompt_end_id is not None:
-        prompt_ends = (tokens == prompt_end_id).nonzero()
-        if len(prompt_ends):
-            loss_mask[:int(prompt_ends[0])] = 0.0
     position_ids = position_ids_fn(tokens, media) if position_ids_fn else torch.arange(len(tokens))
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids, **media}
 
@@ -396,13 +390,12 @@ class PackedMMDataset:
         seed: int,
         position_ids_fn: Optional[PositionIdsFn] = None,
         pad_token_id: int = 0,
-        prompt_end_id: Optional[int] = None,
         packing_window: int = DEFAULT_PACKING_WINDOW,
         split_index: int = 0,
     ):
         self.splits, self.processors, self.placeholder_ids = list(splits), dict(processors), dict(placeholder_ids)
         self.seq_length, self.position_ids_fn = seq_length, position_ids_fn
-        self.pad_token_id, self.prompt_end_id = pad_token_id, prompt_end_id
+        self.pad_token_id = pad_token_id
         self.stream = BlendedStream(self.splits, weights, seed, split_index)
         layouts = SampleLayouts(self.splits, PlaceholderCounter(self.processors))
         self.plan = plan_packing(self.stream, layouts, seq_length, num_samples, packing_window)
@@ -431,7 +424,7 @@ class PackedMMDataset:
         parts = []
         for source, sample, length in self.members(index):
             expanded = expand_sample(self.splits[source].dataset[sample], self.processors, self.placeholder_ids,
-                                     self.position_ids_fn, length, self.pad_token_id, self.prompt_end_id)
+                                     self.position_ids_fn, length, self.pad_token_id)
             if len(expanded["tokens"]) != length:
                 raise ValueError(f"sample {sample} of source {source} expands to {len(expanded['tokens'])} tokens, "
                                  f"planned {length}: a processor's placeholder count depends on more than the size")
@@ -458,7 +451,6 @@ def build_mm_datasets(
     position_ids_fn: Optional[PositionIdsFn] = None,
     *,
     pad_token_id: int = 0,
-    prompt_end_id: Optional[int] = None,
     packing_window: int = DEFAULT_PACKING_WINDOW,
     families_taking: Optional[Callable[[str], Sequence[str]]] = None,
 ) -> tuple[Optional[PackedMMDataset], ...]:
@@ -513,7 +505,7 @@ def build_mm_datasets(
         splits = [split for split, _ in sources]
         split_weights = [weight if weights else len(split) for split, weight in sources]
         dataset = PackedMMDataset(splits, split_weights, processors, placeholder_ids, cfg.data.seq_length, wanted,
-                                  cfg.train.seed, position_ids_fn, pad_token_id, prompt_end_id, packing_window,
+                                  cfg.train.seed, position_ids_fn, pad_token_id, packing_window,
                                   split_index)
         left_out = {kind: sum(int(holding[index][begin:end].sum()) for index, (begin, end) in enumerate(bounds))
                     for kind, holding in unsupported.items()}

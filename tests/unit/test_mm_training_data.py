@@ -313,17 +313,6 @@ def test_splits_partition_each_source(sources):
     assert build_mm_datasets(make_config(blend, split="1,0,0"), PROCESSORS, (4, 4, 4))[1:] == (None, None)
 
 
-def test_prompt_end_id_masks_the_prompt(sources):
-    specs = sources["captions"][1]
-    prompt_end = specs[0][0][1]  # the caption's second word ends the "prompt" where it occurs
-    sample = MMIndexedDataset(sources["captions"][0])[0]
-    expanded = mm_training.expand_sample(sample, PROCESSORS, {"image": IMAGE_ID, "audio": AUDIO_ID},
-                                         prompt_end_id=prompt_end)
-    first = int((expanded["tokens"] == prompt_end).nonzero()[0])
-    plain = reference_sample(specs[0])["loss_mask"]
-    assert (expanded["loss_mask"][:first] == 0).all() and torch.equal(expanded["loss_mask"][first:], plain[first:])
-
-
 def test_media_sizes_come_from_headers(sources):
     for name in ("captions", "documents", "audio"):
         prefix, specs = sources[name]
