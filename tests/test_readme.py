@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from megatron_mm.runtime.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LINKED = ("Makefile", "setup.py", "pyproject.toml", "csrc", ".venv", "examples", "tools", "launch")
@@ -88,12 +89,6 @@ def expectation(command: str) -> tuple[str | None, list[str]]:
 COMMANDS = readme_commands()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _hf_tokenizer(texts: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -141,7 +136,7 @@ def results(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProce
     for command in COMMANDS:
         run_as = substituted(command)
         if run_as is not None:
-            port = str(_free_port())  # launch/torchrun.sh's default 29500 may be taken by another run
+            port = str(free_port())  # launch/torchrun.sh's default 29500 may be taken by another run
             ran[command] = subprocess.run(["bash", "-c", run_as], cwd=work, env={**env, "MASTER_PORT": port},
                                           capture_output=True, text=True, timeout=600)
     return work, ran

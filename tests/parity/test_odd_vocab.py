@@ -10,6 +10,7 @@ import torch
 from conftest import assert_round_trip, check_parity
 
 from megatron_mm.models.layers.decoder import VOCAB_TP_MULTIPLE
+from megatron_mm.runtime.distributed import free_port
 
 SMALL = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256)
@@ -58,18 +59,14 @@ def train_steps(checkpoint, rows, out, nproc: int, *overrides: str) -> list[floa
     """Losses of training steps on `rows` (tests/parity/train_steps_driver.py under torchrun)."""
     import json
     import os
-    import socket
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     tokens = out.with_suffix(".pt")
     torch.save(rows, tokens)
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
                str(ROOT / "tests" / "parity" / "train_steps_driver.py"), "--checkpoint", str(checkpoint),
                "--tokens", str(tokens), "--steps", "3", "--out", str(out), *overrides]
     env = {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "MASTER_PORT")}

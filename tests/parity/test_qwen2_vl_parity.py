@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ import numpy
 import pytest
 import torch
 from conftest import TOLERANCE, hf_tensors
+
+from megatron_mm.runtime.distributed import free_port
 
 IMAGE, VIDEO, VISION_START = 120, 121, 122
 SEQ = 48
@@ -126,10 +127,7 @@ def test_qwen2_vl_logits_match_transformers(variant, tie, tmp_path):
 def _tp2_logits(checkpoint: Path, sample: Path, output: Path) -> torch.Tensor:
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", __file__,
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", __file__,
                str(checkpoint), str(sample), str(output)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300,
                             cwd=Path(__file__).resolve().parents[2])

@@ -10,13 +10,14 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import ROOT
+
+from megatron_mm.runtime.distributed import free_port
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "  leading, trailing  and  double  spaces ",
          "Ünïcödé café\ttabs\nand newlines", "characters it never saw: 字 🙂", "digits 1234567890", ""]
@@ -45,11 +46,8 @@ def scratch_run(tmp_path_factory):
     _run([sys.executable, str(tools / "preprocess_data.py"), "--input", str(work / "corpus.jsonl"), "--json-keys", "text",
           "--tokenizer-type", "sentencepiece", "--tokenizer-model", str(work / "tok.model"),
           "--output-prefix", str(work / "corpus"), "--workers", "1", "--append-eod"])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     run = work / "run"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={port}",
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
           "-m", "megatron_mm.pretrain", "--config", str(ROOT / "examples" / "configs" / "tiny_llama3.yaml"),
           "parallel.tp=1", "parallel.pp=1", f"data.blend=[{work / 'corpus_text_document'}]",
           f"data.tokenizer_model={work / 'tok.model'}", "data.seq_length=32", "train.precision=fp32",

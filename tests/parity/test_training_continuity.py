@@ -4,18 +4,13 @@ transformers: its loss on a batch equals ours, and the weights did change."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import torch
 from conftest import hf_tensors
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron_mm.runtime.distributed import free_port
 
 
 def test_import_train_export(imported, tmp_path):
@@ -28,7 +23,7 @@ def test_import_train_export(imported, tmp_path):
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
     hf_dir, checkpoint = imported(config)
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                "-m", "megatron_mm.pretrain", "--config", str(checkpoint / "config.yaml"),
                "parallel.tp=2", "data.mock=true", "data.seq_length=32", "train.precision=fp32",
                "train.micro_batch_size=2", "train.global_batch_size=2", "train.train_iters=3",
