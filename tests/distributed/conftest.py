@@ -120,7 +120,8 @@ def run_cases(cases: dict[str, Case], compile: bool = False) -> CaseRuns:
             with tempfile.NamedTemporaryFile("w", suffix=".json") as listing:
                 json.dump([cases[name].arguments for name in pending], listing)
                 listing.flush()
-                result = launch(nproc, ["--cases", listing.name], compile, timeout=300 + 120 * len(pending))
+                # the time a launch of its own gets, per case
+                result = launch(nproc, ["--cases", listing.name], compile, timeout=600 * len(pending))
             finished = [(cases[name].out / CASE_FINISHED).exists() for name in pending]
             if all(finished):
                 if result.returncode != 0:

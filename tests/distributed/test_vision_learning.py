@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HERE, torchrun
+from conftest import HERE, case, run_cases
 from megatron_mm.runtime.distributed import free_port
 
 CONFIG = HERE.parents[1] / "examples" / "configs" / "tiny_qwen2_vl.yaml"
@@ -33,11 +33,21 @@ def evaluate(checkpoint: Path, zero_images: bool) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The recipe with images and with blanked ones: one launch."""
+    out = {name: tmp_path_factory.mktemp(name) for name in ("images", "zeroed")}
+    return run_cases({
+        "images": case(1, out["images"], f"train.output_dir={out['images']}", *RECIPE, config=CONFIG),
+        "zeroed": case(1, out["zeroed"], f"train.output_dir={out['zeroed']}", *RECIPE, config=CONFIG,
+                       flags=["--zero-images"]),
+    })
+
+
 @pytest.fixture(scope="module", params=[False, True], ids=["images", "zeroed_images"])
-def accuracy(request, tmp_path_factory) -> dict:
+def accuracy(request, trained) -> dict:
     zero = request.param
-    out = tmp_path_factory.mktemp("zeroed" if zero else "images")
-    torchrun(1, out, f"train.output_dir={out}", *RECIPE, config=CONFIG, flags=["--zero-images"] if zero else [])
+    out = trained["zeroed" if zero else "images"]
     result = evaluate(out / "checkpoints" / f"iter_{STEPS:07d}", zero_images=zero)
     print(f"\nheld-out accuracy ({'images zeroed' if zero else 'with images'}): {result}")
     return {"zero": zero, **result}
