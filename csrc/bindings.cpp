@@ -2,7 +2,9 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -107,6 +109,17 @@ torch::Tensor workspace_like(const torch::Tensor& tensor, size_t bytes) {
   return torch::empty({static_cast<int64_t>(bytes)}, tensor.options().dtype(torch::kUInt8));
 }
 #endif
+
+// Range checks that read a tensor's values cost a host sync on CUDA: there they run only with
+// MEGATRON_MM_DEBUG_CHECKS=1 (read once, as megatron_mm.ops.moe_permute does); host tensors are
+// always checked.
+bool checks_values(const torch::Tensor& tensor) {
+  static const bool debug_checks = [] {
+    const char* value = std::getenv("MEGATRON_MM_DEBUG_CHECKS");
+    return value != nullptr && std::string(value) == "1";
+  }();
+  return debug_checks || !tensor.is_cuda();
+}
 
 void check_device(const torch::Tensor& tensor, const char* op) {
 #ifndef MEGATRON_MM_WITH_CUDA
@@ -308,7 +321,7 @@ torch::Tensor moe_unpermute(const torch::Tensor& permuted, const torch::Tensor& 
   if (rows.is_cuda()) {
 #ifdef MEGATRON_MM_WITH_CUDA
     const c10::cuda::CUDAGuard device_guard(rows.device());
-    if (map.numel() > 0) {
+    if (map.numel() > 0 && checks_values(map)) {
       const auto [low, high] = torch::aminmax(map);
       TORCH_CHECK_VALUE(low.item<int64_t>() >= -1 && high.item<int64_t>() < num_tokens, op,
                         ": row_map entries outside [-1, num_tokens=", num_tokens, ")");
@@ -389,7 +402,7 @@ torch::Tensor moe_gather_rows(const torch::Tensor& src, const torch::Tensor& ind
   check_device(src, op);
   TORCH_CHECK(index.device() == src.device(), op, ": index and src are on different devices");
   const torch::Tensor flat_index = index.contiguous().view({-1});
-  if (flat_index.numel() > 0) {
+  if (flat_index.numel() > 0 && checks_values(flat_index)) {
     const auto [low, high] = torch::aminmax(flat_index);
     TORCH_CHECK_VALUE(low.item<int64_t>() >= -1 && high.item<int64_t>() < src.size(0), op,
                       ": index entries outside [-1, ", src.size(0), ")");
