@@ -56,7 +56,9 @@ def test_unknown_backend_names_the_choices():
 
 @pytest.fixture(scope="module")
 def built() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
+    # A fresh one-rank world: not the rendezvous of any process group this pytest process holds.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1")
     result = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

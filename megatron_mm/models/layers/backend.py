@@ -1,6 +1,6 @@
 """The one place layer backends plug in. Every spec builder (dense and MoE decoders, MLA, Gemma 3's
 modules, the CLIP/SigLIP and Qwen2-VL towers, the audio encoder, the projectors) takes its modules
-from a `LayerBackend`, chosen once per run from `model.backend`:
+from one backend object (`LocalBackend` or a subclass), chosen once per run from `model.backend`:
 
     auto   Transformer Engine when it imports on a GPU, else local
     te     Transformer Engine's modules, as megatron-core's TE layer specs use them
